@@ -1,1 +1,182 @@
-fn main() {}
+//! initrd-agent: writes a server image onto a volume and signals the result.
+//!
+//! As PID 1 of the image-creation initrd it takes its parameters from the
+//! metadata server's tags and the kernel command line; as an ordinary command
+//! (`initrd-agent run`, for helper servers and tests) from its arguments.
+
+mod agent;
+mod log;
+mod metadata;
+mod methods;
+mod net;
+mod params;
+mod pid1;
+mod signal;
+
+use clap::{Parser, Subcommand};
+use tracing::{error, info};
+
+use crate::params::{Cmdline, Params, Source};
+
+#[derive(Parser)]
+#[command(
+    name = "initrd-agent",
+    version,
+    about = "Builds a server image onto a volume"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one build as an ordinary command (no PID-1 duties, no network
+    /// setup). Prints the done line on stdout and exits 0 on success.
+    Run {
+        /// Target block device (the `volume` parameter).
+        #[arg(long)]
+        volume: Option<String>,
+        /// Build method (the `build_method` parameter).
+        #[arg(long)]
+        method: Option<String>,
+        /// Any other parameter, as on the kernel command line.
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
+        /// Also read server tags from the metadata server (METADATA_IP or
+        /// 169.254.42.42); tags win over --param, --volume/--method win over
+        /// both.
+        #[arg(long)]
+        metadata: bool,
+        /// After the build, serve the done line on signal_build_done_port
+        /// until stopped (what a helper server's host waits for).
+        #[arg(long)]
+        serve: bool,
+        #[arg(short, long)]
+        verbose: bool,
+    },
+}
+
+fn main() {
+    if std::process::id() == 1 {
+        pid1::main();
+    }
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run {
+            volume,
+            method,
+            params,
+            metadata,
+            serve,
+            verbose,
+        } => {
+            log::init(verbose);
+            std::process::exit(run_command(volume, method, params, metadata, serve));
+        }
+    }
+}
+
+fn run_command(
+    volume: Option<String>,
+    method: Option<String>,
+    pairs: Vec<String>,
+    use_metadata: bool,
+    serve: bool,
+) -> i32 {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("initrd-agent: cannot start the async runtime: {e}");
+            return 70;
+        }
+    };
+    runtime.block_on(async move {
+        let cmdline = match Cmdline::from_pairs(pairs.iter().map(String::as_str)) {
+            Ok(c) => c,
+            Err(e) => {
+                error!("{e:#}");
+                return 2;
+            }
+        };
+        let mut tags = None;
+        let mut client = None;
+        if use_metadata {
+            let ip = cmdline.get("METADATA_IP").unwrap_or(metadata::DEFAULT_IP);
+            let md = metadata::MetadataClient::new(ip, !cmdline.flag("NO_SIGNAL_STATE"));
+            match md {
+                Ok(md) => match md.conf().await {
+                    Ok(conf) => {
+                        tags = Some(conf.tags);
+                        client = Some(md);
+                    }
+                    Err(e) => {
+                        return report(
+                            agent::StageError {
+                                stage: "metadata",
+                                error: e,
+                            }
+                            .to_done_line(),
+                            None,
+                        )
+                        .await
+                    }
+                },
+                Err(e) => {
+                    return report(
+                        agent::StageError {
+                            stage: "metadata",
+                            error: e,
+                        }
+                        .to_done_line(),
+                        None,
+                    )
+                    .await
+                }
+            }
+        }
+        let mut params = Params::resolve(tags.as_deref(), &cmdline);
+        if let Some(v) = &volume {
+            params.set("volume", v, Source::Cmdline);
+        }
+        if let Some(m) = &method {
+            params.set("build_method", m, Source::Cmdline);
+        }
+        info!("parameters resolved: {}", params.describe().join(" "));
+        let line = agent::build(&params, client.as_ref())
+            .await
+            .unwrap_or_else(|e| {
+                error!("build failed in stage {}: {:#}", e.stage, e.error);
+                e.to_done_line()
+            });
+        if let Some(md) = &client {
+            let state = if line.is_success() {
+                "done".into()
+            } else {
+                format!("failed: {}", line.message)
+            };
+            md.report_state(&state).await;
+        }
+        let port = if serve {
+            params.common().map(|c| c.signal_port).ok().or(Some(22))
+        } else {
+            None
+        };
+        report(line, port).await
+    })
+}
+
+/// Prints the done line; with a port, serves it until killed.
+async fn report(line: signal::DoneLine, port: Option<u16>) -> i32 {
+    print!("{}", line.to_line());
+    let code = if line.is_success() { 0 } else { 1 };
+    if let Some(port) = port {
+        match signal::bind(port).await {
+            Ok(l) => {
+                let _ = signal::serve(l, line).await;
+            }
+            Err(e) => error!("{e:#}"),
+        }
+    }
+    code
+}

@@ -1,0 +1,234 @@
+//! The agent's run, shared by the initrd (PID 1's worker) and the `run`
+//! command: resolve parameters, dispatch the build method, report the
+//! result. Every error travels up to here as a value with its stage and is
+//! turned into the done line in one place.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use tracing::{error, info};
+
+use crate::metadata::{self, MetadataClient};
+use crate::methods::MethodName;
+use crate::net::{self, IpConfig};
+use crate::params::{Cmdline, CommonParams, Params};
+use crate::signal::{self, DoneLine};
+
+/// An error with the stage it happened in.
+#[derive(Debug)]
+pub struct StageError {
+    pub stage: &'static str,
+    pub error: anyhow::Error,
+}
+
+pub trait StageContext<T> {
+    fn stage(self, stage: &'static str) -> Result<T, StageError>;
+}
+
+impl<T> StageContext<T> for Result<T> {
+    fn stage(self, stage: &'static str) -> Result<T, StageError> {
+        self.map_err(|error| StageError { stage, error })
+    }
+}
+
+impl StageError {
+    pub fn to_done_line(&self) -> DoneLine {
+        DoneLine::failure(self.stage, format!("{:#}", self.error))
+    }
+}
+
+/// The worker's whole life in the initrd. Never returns while the done
+/// signal is being served; returns an exit code only on a fatal setup error.
+pub fn run_initrd(cmdline: Cmdline) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            error!("cannot start the async runtime: {e}");
+            return 70;
+        }
+    };
+    runtime.block_on(initrd_main(cmdline))
+}
+
+async fn initrd_main(cmdline: Cmdline) -> i32 {
+    let metadata = if cmdline.flag("NO_METADATA") {
+        info!("NO_METADATA is set: parameters come from the kernel command line alone");
+        None
+    } else {
+        let ip = cmdline.get("METADATA_IP").unwrap_or(metadata::DEFAULT_IP);
+        match MetadataClient::new(ip, !cmdline.flag("NO_SIGNAL_STATE")) {
+            Ok(c) => Some(c),
+            Err(e) => return finish(Err(e).stage("metadata"), None, &cmdline, None).await,
+        }
+    };
+
+    let ip_config = match IpConfig::parse(cmdline.get("ip")) {
+        Ok(c) => c,
+        Err(e) => return finish(Err(e).stage("network"), None, &cmdline, metadata.as_ref()).await,
+    };
+    let interfaces = tokio::task::spawn_blocking(move || net::configure(&ip_config)).await;
+    let interfaces = match interfaces.context("network setup panicked").and_then(|r| r) {
+        Ok(i) => i,
+        Err(e) => return finish(Err(e).stage("network"), None, &cmdline, metadata.as_ref()).await,
+    };
+    for i in &interfaces {
+        info!(
+            "network up: {} {}/{} gateway {:?}",
+            i.device, i.address, i.prefix, i.gateway
+        );
+    }
+
+    let tags = match &metadata {
+        None => None,
+        Some(md) => {
+            md.report_state("kernel-started").await;
+            match md.conf().await {
+                Ok(conf) => {
+                    info!(
+                        "metadata: server {} '{}' with {} tag(s)",
+                        conf.id,
+                        conf.name,
+                        conf.tags.len()
+                    );
+                    md.report_state("booted").await;
+                    Some(conf.tags)
+                }
+                Err(e) => {
+                    let e = if interfaces.is_empty() {
+                        e.context("no network interface got an address")
+                    } else {
+                        e
+                    };
+                    return finish(Err(e).stage("metadata"), None, &cmdline, metadata.as_ref())
+                        .await;
+                }
+            }
+        }
+    };
+
+    let params = Params::resolve(tags.as_deref(), &cmdline);
+    info!("parameters resolved: {}", params.describe().join(" "));
+    if let Ok(common) = params.common() {
+        // PID 1 signals on this port if the worker dies from here on.
+        std::fs::write(crate::pid1::PORT_FILE, common.signal_port.to_string()).ok();
+    }
+    let result = build(&params, metadata.as_ref()).await;
+    finish(result, Some(&params), &cmdline, metadata.as_ref()).await
+}
+
+/// Parses the common parameters and runs the build method. A panic in the
+/// build is caught here (the build runs as its own task) and reported like
+/// any other failure.
+pub async fn build(
+    params: &Params,
+    metadata: Option<&MetadataClient>,
+) -> Result<DoneLine, StageError> {
+    let started = Instant::now();
+    let common = params.common().stage("params")?;
+    let method: MethodName = params
+        .required("build_method", "every build")
+        .and_then(str::parse)
+        .stage("params")?;
+    info!("build method {method} on {}", common.volume.display());
+    if let Some(md) = metadata {
+        md.report_state(&format!("building: {method} 0")).await;
+    }
+    let task = tokio::spawn(run_method(method, common, params.clone()));
+    let outcome = match task.await {
+        Ok(r) => r,
+        Err(join) if join.is_panic() => {
+            let payload = join.into_panic();
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            return Err(anyhow::anyhow!(
+                "initrd-agent panicked: {what} (a bug; the console log has the backtrace)"
+            ))
+            .stage("agent");
+        }
+        Err(join) => return Err(anyhow::anyhow!("build task ended: {join}")).stage("agent"),
+    }?;
+    Ok(DoneLine::success(
+        method.as_str(),
+        started.elapsed().as_secs_f64(),
+        outcome.bytes,
+        outcome.layout,
+    ))
+}
+
+/// What a successful build method hands back.
+pub struct MethodOutcome {
+    pub bytes: u64,
+    pub layout: Vec<signal::LayoutEntry>,
+}
+
+async fn run_method(
+    method: MethodName,
+    common: CommonParams,
+    params: Params,
+) -> Result<MethodOutcome, StageError> {
+    let _ = (&common, &params);
+    Err(anyhow::anyhow!(
+        "build method {method} is not available in initrd-agent {}; this agent only \
+         resolves parameters and signals (the build methods land with the next releases)",
+        env!("CARGO_PKG_VERSION")
+    ))
+    .stage("dispatch")
+}
+
+/// Reports the result: state on the metadata server, the done line on the
+/// console, then the done port until the server is stopped.
+async fn finish(
+    result: Result<DoneLine, StageError>,
+    params: Option<&Params>,
+    cmdline: &Cmdline,
+    metadata: Option<&MetadataClient>,
+) -> i32 {
+    let line = match result {
+        Ok(line) => line,
+        Err(e) => {
+            error!("build failed in stage {}: {:#}", e.stage, e.error);
+            e.to_done_line()
+        }
+    };
+    if let Some(md) = metadata {
+        let state = if line.is_success() {
+            "done".to_string()
+        } else {
+            format!("failed: {}", line.message)
+        };
+        md.report_state(&state).await;
+    }
+    // The port and signal_failure come from the resolved parameters when
+    // resolution got that far, else from the command line and defaults.
+    let fallback;
+    let params = match params {
+        Some(p) => p,
+        None => {
+            fallback = Params::resolve(None, cmdline);
+            &fallback
+        }
+    };
+    let port = params
+        .get("signal_build_done_port")
+        .and_then(|p| crate::params::parse_port(p).ok())
+        .unwrap_or(22);
+    if !line.is_success() && !params.flag("signal_failure") {
+        info!("signal_failure=0: not opening the done port for a failed build");
+        std::future::pending::<()>().await;
+    }
+    match signal::bind(port).await {
+        Ok(listener) => {
+            let _ = signal::serve(listener, line).await;
+        }
+        Err(e) => error!("{e:#}"),
+    }
+    std::future::pending::<()>().await;
+    0
+}
