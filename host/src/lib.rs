@@ -1,1 +1,8 @@
 //! Host library.
+
+pub mod bootscript;
+pub mod done_signal;
+pub mod guestfwd;
+pub mod kernel;
+pub mod metadata_server;
+pub mod qemu;

@@ -1,1 +1,124 @@
-fn main() {}
+//! imgforge: builds server images from a root filesystem.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use host::bootscript::{self, KernelChoice};
+
+#[derive(Parser)]
+#[command(
+    name = "imgforge",
+    version,
+    about = "Builds bootable server images from a root filesystem"
+)]
+struct Cli {
+    /// Print results as JSON (for scripts).
+    #[arg(long, global = true)]
+    json: bool,
+    /// More log lines.
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the kernel, initrd and bootscript.json of a bootscript.
+    Initrd {
+        /// A built-in bootscript name or a path to a .toml definition.
+        #[arg(long, default_value = "image-creation-x86_64")]
+        bootscript: String,
+        /// Output directory.
+        #[arg(short, long, default_value = ".")]
+        output: PathBuf,
+        /// Use this kernel image instead of the bootscript's package.
+        #[arg(long, requires = "modules")]
+        kernel: Option<PathBuf>,
+        /// The kernel's module tree (lib/modules/VERSION), with --kernel.
+        #[arg(long, requires = "kernel")]
+        modules: Option<PathBuf>,
+        /// The static initrd-agent to use as /init.
+        #[arg(long, env = "IMGFORGE_AGENT")]
+        agent: Option<PathBuf>,
+    },
+    /// Relay stdin/stdout to a TCP address (QEMU's guestfwd runs this per
+    /// guest connection).
+    #[command(hide = true)]
+    GuestfwdBridge { target: SocketAddr },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Command::GuestfwdBridge { target } = cli.command {
+        // libslirp hands this process the guest connection as stdin, stdout
+        // *and* stderr: any log line would reach the guest. Report through
+        // the exit code only, and exit as soon as the relay ends (that is
+        // what closes the guest's connection).
+        let code = match guestfwd_bridge(target) {
+            Ok(()) => 0,
+            Err(_) => 1,
+        };
+        std::process::exit(code);
+    }
+    init_logging(cli.verbose);
+    if let Err(e) = run(cli) {
+        eprintln!("imgforge: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(verbose: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if verbose { "debug" } else { "info" })
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Initrd {
+            bootscript: name,
+            output,
+            kernel,
+            modules,
+            agent,
+        } => {
+            let script = bootscript::load(&name)?;
+            let agent = match agent {
+                Some(a) => a,
+                None => bootscript::find_agent()?,
+            };
+            let kernel = match (kernel, modules) {
+                (Some(vmlinuz), Some(modules)) => KernelChoice::Files { vmlinuz, modules },
+                (None, None) => KernelChoice::FromBootscript,
+                _ => bail!("--kernel and --modules go together"),
+            };
+            let info = bootscript::build(&script, kernel, &agent, &output)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                println!("{}: {}", info.title, output.display());
+                println!("  kernel  {} sha256 {}", info.kernel, info.kernel_sha256);
+                println!("  initrd  {} sha256 {}", info.initrd, info.initrd_sha256);
+                println!("  args    {}", info.bootcmdargs);
+                println!("  modules {}", info.modules.join(" "));
+            }
+            Ok(())
+        }
+        Command::GuestfwdBridge { .. } => unreachable!("handled before logging starts"),
+    }
+}
+
+fn guestfwd_bridge(target: SocketAddr) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(host::guestfwd::bridge_stdio_to(target))
+}

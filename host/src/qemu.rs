@@ -1,0 +1,270 @@
+//! Starting QEMU for build servers: the command line and the process.
+//!
+//! The network is always user-mode with `restrict=on`, so a guest reaches
+//! nothing but the forwards set up here. The guest network is the
+//! link-local 169.254.0.0/16, because QEMU only forwards a guest address
+//! (the metadata server's 169.254.42.42) that lies inside the slirp network.
+
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use crate::guestfwd;
+
+/// The metadata server's address inside the guest (Scaleway's).
+pub const METADATA_GUEST_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 42);
+
+/// Which accelerator QEMU uses. KVM guests hang on nested-virtualisation
+/// machines like the development ones, so callers choose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Tcg,
+    Kvm,
+}
+
+/// A host port forwarded to a guest port.
+#[derive(Clone, Copy, Debug)]
+pub struct PortForward {
+    pub host: SocketAddr,
+    pub guest_port: u16,
+}
+
+/// A guest-visible address relayed to a host address (one process per
+/// connection, see [`guestfwd`]).
+#[derive(Clone, Debug)]
+pub struct GuestForward {
+    pub guest_ip: Ipv4Addr,
+    pub guest_port: u16,
+    pub target: SocketAddr,
+}
+
+/// Everything needed to start one build server booted from a bootscript.
+#[derive(Clone, Debug)]
+pub struct BootscriptVm {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub append: String,
+    /// Volumes, attached as virtio-blk in order (`/dev/vda`, `/dev/vdb`...).
+    pub disks: Vec<PathBuf>,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub accel: Accel,
+    pub host_forwards: Vec<PortForward>,
+    pub guest_forwards: Vec<GuestForward>,
+    /// The executable that runs `guestfwd-bridge` (imgforge itself).
+    pub bridge_exe: PathBuf,
+    pub serial_log: PathBuf,
+}
+
+impl BootscriptVm {
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-M", "q35", "-nodefaults", "-no-reboot", "-display", "none"]);
+        cmd.args([
+            "-m",
+            &self.memory_mib.to_string(),
+            "-smp",
+            &self.cpus.to_string(),
+        ]);
+        match self.accel {
+            // `-cpu max` gives the guest RDRAND: without it early getrandom()
+            // blocks for about a second under TCG.
+            Accel::Tcg => cmd.args(["-accel", "tcg", "-cpu", "max"]),
+            Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
+        };
+        cmd.arg("-kernel").arg(&self.kernel);
+        cmd.arg("-initrd").arg(&self.initrd);
+        cmd.args(["-append", &self.append]);
+        for (i, disk) in self.disks.iter().enumerate() {
+            let format = if disk.extension().is_some_and(|e| e == "qcow2") {
+                "qcow2"
+            } else {
+                "raw"
+            };
+            cmd.arg("-drive").arg(format!(
+                "file={},if=none,id=d{i},format={format},cache=unsafe",
+                qemu_escape(&disk.to_string_lossy())
+            ));
+            cmd.args([
+                "-device",
+                &format!("virtio-blk-pci,drive=d{i},serial=vol{i}"),
+            ]);
+        }
+        cmd.args([
+            "-netdev",
+            &self.netdev(),
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ]);
+        cmd.arg("-chardev").arg(format!(
+            "file,id=serial0,path={}",
+            qemu_escape(&self.serial_log.to_string_lossy())
+        ));
+        cmd.args(["-serial", "chardev:serial0"]);
+        cmd
+    }
+
+    fn netdev(&self) -> String {
+        let mut opts = vec![
+            "user".to_string(),
+            "id=n0".into(),
+            "restrict=on".into(),
+            "net=169.254.0.0/16".into(),
+            "host=169.254.0.2".into(),
+            "dhcpstart=169.254.0.15".into(),
+        ];
+        for f in &self.host_forwards {
+            opts.push(format!(
+                "hostfwd=tcp:{}:{}-:{}",
+                f.host.ip(),
+                f.host.port(),
+                f.guest_port
+            ));
+        }
+        for g in &self.guest_forwards {
+            opts.push(guestfwd::guestfwd_rule(
+                g.guest_ip,
+                g.guest_port,
+                &self.bridge_exe,
+                g.target,
+            ));
+        }
+        opts.join(",")
+    }
+
+    /// Starts QEMU. QEMU's own messages go to `<serial_log>.qemu`.
+    pub fn spawn(&self) -> Result<Vm> {
+        let stderr_path = self.serial_log.with_extension("qemu");
+        let stderr = File::create(&stderr_path)
+            .with_context(|| format!("create {}", stderr_path.display()))?;
+        let child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .context("start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
+        Ok(Vm {
+            child: Some(child),
+            serial_log: self.serial_log.clone(),
+            stderr_log: stderr_path,
+        })
+    }
+}
+
+/// QEMU's option syntax doubles commas inside a value.
+fn qemu_escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+/// A running QEMU process; killed when dropped.
+pub struct Vm {
+    child: Option<Child>,
+    serial_log: PathBuf,
+    stderr_log: PathBuf,
+}
+
+impl Vm {
+    pub fn serial_log(&self) -> &Path {
+        &self.serial_log
+    }
+
+    /// The console output so far.
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.serial_log).unwrap_or_default()).into_owned()
+    }
+
+    /// Fails once QEMU has exited, with its status and last messages.
+    pub fn check_running(&mut self) -> Result<()> {
+        let Some(child) = self.child.as_mut() else {
+            bail!("the VM was stopped")
+        };
+        if let Some(status) = child.try_wait()? {
+            let qemu = std::fs::read_to_string(&self.stderr_log).unwrap_or_default();
+            bail!(
+                "QEMU exited ({status}): {}\nconsole tail:\n{}",
+                qemu.trim(),
+                tail(&self.console(), 15)
+            );
+        }
+        Ok(())
+    }
+
+    /// Kills QEMU and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A free TCP port on loopback (bound and released; QEMU binds it next).
+pub fn free_loopback_port() -> Result<SocketAddr> {
+    let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("find a free port")?;
+    Ok(l.local_addr()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_restricts_the_network_and_escapes_commas() {
+        let vm = BootscriptVm {
+            kernel: "/k/vmlinuz".into(),
+            initrd: "/k/initrd.img".into(),
+            append: "console=ttyS0 build_method=x".into(),
+            disks: vec!["/tmp/a,b.raw".into()],
+            memory_mib: 512,
+            cpus: 1,
+            accel: Accel::Tcg,
+            host_forwards: vec![PortForward {
+                host: "127.0.0.1:4022".parse().unwrap(),
+                guest_port: 22,
+            }],
+            guest_forwards: vec![GuestForward {
+                guest_ip: METADATA_GUEST_IP,
+                guest_port: 80,
+                target: "127.0.0.1:5000".parse().unwrap(),
+            }],
+            bridge_exe: "/usr/bin/imgforge".into(),
+            serial_log: "/tmp/console.log".into(),
+        };
+        let args: Vec<String> = vm
+            .command()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let netdev = &args[args.iter().position(|a| a == "-netdev").unwrap() + 1];
+        assert!(netdev.contains("restrict=on"), "{netdev}");
+        assert!(
+            netdev.contains("hostfwd=tcp:127.0.0.1:4022-:22"),
+            "{netdev}"
+        );
+        assert!(
+            netdev.contains("guestfwd=tcp:169.254.42.42:80-cmd:"),
+            "{netdev}"
+        );
+        assert!(
+            args.iter().any(|a| a.starts_with("file=/tmp/a,,b.raw,")),
+            "{args:?}"
+        );
+        assert!(args.windows(2).any(|w| w[0] == "-accel" && w[1] == "tcg"));
+    }
+}
