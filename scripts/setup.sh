@@ -13,7 +13,7 @@ packages=(
   grub-efi-amd64-bin                    # GRUB EFI image for rootfs without GRUB
   cpio file binutils                    # reading archives back in tests
   musl-tools                            # musl-gcc for C in crates (ring) on the musl target
-  busybox-static                        # test root filesystems
+  busybox-static mmdebstrap             # test root filesystems
   apt-utils ca-certificates
 )
 missing=()

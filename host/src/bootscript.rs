@@ -126,6 +126,9 @@ pub fn build(
         modules: bootscript.initrd.modules.clone(),
         tools,
         files: bootscript.initrd.files.clone(),
+        generated: grub_efi_image(&bootscript.initrd.grub_efi_modules)?
+            .into_iter()
+            .collect(),
         compression: bootscript.initrd.compression,
         mtime: source_date_epoch(),
     };
@@ -157,6 +160,42 @@ pub fn build(
     json.push(b'\n');
     write_atomic(&out_dir.join("bootscript.json"), &json)?;
     Ok(info)
+}
+
+/// Builds the GRUB EFI image the agent installs on root filesystems that
+/// have no GRUB of their own. Its prefix is `/EFI/BOOT`, where the agent
+/// writes grub.cfg next to it on the ESP.
+fn grub_efi_image(modules: &[String]) -> Result<Option<initrd::GeneratedFile>> {
+    if modules.is_empty() {
+        return Ok(None);
+    }
+    let dir = Path::new("/usr/lib/grub/x86_64-efi");
+    if !dir.is_dir() {
+        bail!(
+            "{} is missing: the bootscript asks for a GRUB EFI image; apt-get install grub-efi-amd64-bin",
+            dir.display()
+        );
+    }
+    let out = tempfile::NamedTempFile::new().context("create a temporary file")?;
+    let status = std::process::Command::new("grub-mkimage")
+        .args(["-O", "x86_64-efi", "-p", "/EFI/BOOT", "-d"])
+        .arg(dir)
+        .arg("-o")
+        .arg(out.path())
+        .args(modules)
+        .status()
+        .context("run grub-mkimage (apt-get install grub-efi-amd64-bin)")?;
+    if !status.success() {
+        bail!(
+            "grub-mkimage failed ({status}) for modules {}",
+            modules.join(" ")
+        );
+    }
+    Ok(Some(initrd::GeneratedFile {
+        path: "usr/lib/imgforge/grub/BOOTX64.EFI".into(),
+        contents: std::fs::read(out.path())?,
+        mode: 0o644,
+    }))
 }
 
 /// Reads `bootscript.json` from an artifact directory.

@@ -9,9 +9,9 @@ use anyhow::{Context, Result};
 use tracing::{error, info};
 
 use crate::metadata::{self, MetadataClient};
-use crate::methods::MethodName;
+use crate::methods::{self, BuildContext, MethodName};
 use crate::net::{self, IpConfig};
-use crate::params::{Cmdline, CommonParams, Params};
+use crate::params::{Cmdline, Params};
 use crate::signal::{self, DoneLine};
 
 /// An error with the stage it happened in.
@@ -120,9 +120,9 @@ async fn initrd_main(cmdline: Cmdline) -> i32 {
     finish(result, Some(&params), &cmdline, metadata.as_ref()).await
 }
 
-/// Parses the common parameters and runs the build method. A panic in the
-/// build is caught here (the build runs as its own task) and reported like
-/// any other failure.
+/// Parses the common parameters and runs the build method on a blocking
+/// thread. A panic in the build is caught here (the thread's join reports
+/// it) and turned into a failure like any other error.
 pub async fn build(
     params: &Params,
     metadata: Option<&MetadataClient>,
@@ -134,12 +134,15 @@ pub async fn build(
         .and_then(str::parse)
         .stage("params")?;
     info!("build method {method} on {}", common.volume.display());
-    if let Some(md) = metadata {
-        md.report_state(&format!("building: {method} 0")).await;
-    }
-    let task = tokio::spawn(run_method(method, common, params.clone()));
-    let outcome = match task.await {
-        Ok(r) => r,
+    let ctx = BuildContext {
+        params: params.clone(),
+        common,
+        runtime: tokio::runtime::Handle::current(),
+        metadata: metadata.cloned(),
+    };
+    ctx.report(method.as_str(), 0);
+    let outcome = match tokio::task::spawn_blocking(move || methods::run(method, &ctx)).await {
+        Ok(r) => r?,
         Err(join) if join.is_panic() => {
             let payload = join.into_panic();
             let what = payload
@@ -148,38 +151,18 @@ pub async fn build(
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
             return Err(anyhow::anyhow!(
-                "initrd-agent panicked: {what} (a bug; the console log has the backtrace)"
+                "initrd-agent panicked: {what} (a bug; the console log has the details)"
             ))
             .stage("agent");
         }
         Err(join) => return Err(anyhow::anyhow!("build task ended: {join}")).stage("agent"),
-    }?;
+    };
     Ok(DoneLine::success(
         method.as_str(),
         started.elapsed().as_secs_f64(),
         outcome.bytes,
         outcome.layout,
     ))
-}
-
-/// What a successful build method hands back.
-pub struct MethodOutcome {
-    pub bytes: u64,
-    pub layout: Vec<signal::LayoutEntry>,
-}
-
-async fn run_method(
-    method: MethodName,
-    common: CommonParams,
-    params: Params,
-) -> Result<MethodOutcome, StageError> {
-    let _ = (&common, &params);
-    Err(anyhow::anyhow!(
-        "build method {method} is not available in initrd-agent {}; this agent only \
-         resolves parameters and signals (the build methods land with the next releases)",
-        env!("CARGO_PKG_VERSION")
-    ))
-    .stage("dispatch")
 }
 
 /// Reports the result: state on the metadata server, the done line on the

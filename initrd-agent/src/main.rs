@@ -5,6 +5,11 @@
 //! (`initrd-agent run`, for helper servers and tests) from its arguments.
 
 mod agent;
+mod bootloader;
+mod disk;
+mod extract;
+mod fetch;
+mod fs;
 mod log;
 mod metadata;
 mod methods;

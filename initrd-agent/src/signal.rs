@@ -19,6 +19,10 @@ use tracing::{debug, info, warn};
 pub struct LayoutEntry {
     pub device: String,
     pub role: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub number: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
     pub start_bytes: u64,
     pub size_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -55,6 +55,11 @@ pub struct InitrdContents {
     /// Host files copied to the same path (skipped with a warning when absent).
     #[serde(default)]
     pub files: Vec<PathBuf>,
+    /// GRUB modules of the EFI image the initrd carries for root
+    /// filesystems without GRUB of their own (built with grub-mkimage by the
+    /// host); empty: no image.
+    #[serde(default)]
+    pub grub_efi_modules: Vec<String>,
 }
 
 /// Compression of the initrd.

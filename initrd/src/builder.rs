@@ -54,10 +54,22 @@ pub struct InitrdSpec {
     /// Host files copied to the same path; missing ones are skipped with a
     /// warning.
     pub files: Vec<PathBuf>,
+    /// Files made by the caller (e.g. a GRUB EFI image built for this
+    /// initrd), stored at their archive path.
+    pub generated: Vec<GeneratedFile>,
     /// Compression of the archive.
     pub compression: Compression,
     /// mtime of every entry (seconds since the epoch; 0 is fine).
     pub mtime: u64,
+}
+
+/// A file the caller made, with its place in the archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GeneratedFile {
+    /// Path inside the initrd, e.g. `usr/lib/imgforge/grub/BOOTX64.EFI`.
+    pub path: String,
+    pub contents: Vec<u8>,
+    pub mode: u32,
 }
 
 /// A built initrd.
@@ -162,6 +174,9 @@ pub fn build(spec: &InitrdSpec) -> Result<Initrd, BuildError> {
     let module_load_order = add_modules(&mut archive, spec)?;
     add_tools(&mut archive, &spec.tools)?;
     add_files(&mut archive, &spec.files)?;
+    for g in &spec.generated {
+        archive.add_file(&g.path, g.mode, g.contents.clone())?;
+    }
 
     let cpio = archive.to_vec()?;
     let bytes = match spec.compression {
@@ -290,6 +305,11 @@ mod tests {
                 PathBuf::from("/etc/mke2fs.conf"),
                 PathBuf::from("/nonexistent/imgforge-test.conf"),
             ],
+            generated: vec![GeneratedFile {
+                path: "usr/lib/imgforge/grub/BOOTX64.EFI".into(),
+                contents: b"MZ-generated".to_vec(),
+                mode: 0o644,
+            }],
             compression: Compression::Gzip,
             mtime: 0,
         }
@@ -354,6 +374,7 @@ mod tests {
             "lib64/ld-linux-x86-64.so.2",
             "lib/x86_64-linux-gnu/libext2fs.so.2",
             "lib/x86_64-linux-gnu/libc.so.6",
+            "usr/lib/imgforge/grub/BOOTX64.EFI",
         ] {
             assert!(
                 names.iter().any(|n| n == expected),
@@ -389,6 +410,7 @@ mod tests {
             "fat.ko\nvfat.ko\nvirtio_ring.ko\nvirtio.ko\nvirtio_pci.ko\n"
         );
         assert_eq!(entry("init"), b"\x7fELF pretend agent");
+        assert_eq!(entry("usr/lib/imgforge/grub/BOOTX64.EFI"), b"MZ-generated");
         assert_eq!(
             entry("lib/x86_64-linux-gnu/libext2fs.so.2"),
             std::fs::read("/usr/lib/x86_64-linux-gnu/libext2fs.so.2").unwrap()

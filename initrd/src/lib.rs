@@ -16,7 +16,7 @@ pub mod modules;
 mod test_support;
 
 pub use bootscript::{Bootscript, BootscriptError, Compression, InitrdContents, KernelSource};
-pub use builder::{build, find_tool, sha256_hex, BuildError, Initrd, InitrdSpec};
+pub use builder::{build, find_tool, sha256_hex, BuildError, GeneratedFile, Initrd, InitrdSpec};
 pub use cpio::{Archive, CpioError};
 pub use elf::{library_closure, ElfError, Library, Resolver};
 pub use modules::{Module, ModuleError, ModuleIndex};

@@ -2,6 +2,8 @@
 //! server (QEMU, TCG) booted from the image-creation bootscript with a blank
 //! volume, a metadata server and a done-signal forward.
 
+pub mod http_fixture;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -80,6 +82,9 @@ pub struct BuildServer {
     pub tags: Option<Vec<String>>,
     pub volume_size: u64,
     pub done_port_guest: u16,
+    /// A host HTTP server the guest reaches at [`ARTIFACTS_GUEST`].
+    pub artifacts: Option<SocketAddr>,
+    pub memory_mib: u32,
 }
 
 impl Default for BuildServer {
@@ -89,8 +94,19 @@ impl Default for BuildServer {
             tags: Some(vec![]),
             volume_size: 64 << 20,
             done_port_guest: 22,
+            artifacts: None,
+            memory_mib: 1024,
         }
     }
+}
+
+/// Where the guest reaches the test's artifact server.
+pub const ARTIFACTS_GUEST: (std::net::Ipv4Addr, u16) =
+    (std::net::Ipv4Addr::new(169, 254, 42, 10), 80);
+
+/// The URL the guest uses for `path` on the artifact server.
+pub fn guest_url(path: &str) -> String {
+    format!("http://{}:{}{path}", ARTIFACTS_GUEST.0, ARTIFACTS_GUEST.1)
 }
 
 /// A running build server and what it talks to.
@@ -98,7 +114,10 @@ pub struct Running {
     pub vm: Vm,
     pub metadata: Option<MetadataServer>,
     pub done_addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    /// The build server's volume (a raw file).
+    pub disk: PathBuf,
+    /// Holds the volume and the console log; removed on drop.
+    pub dir: tempfile::TempDir,
 }
 
 impl BuildServer {
@@ -122,8 +141,8 @@ impl BuildServer {
             kernel: artifacts.join(&info.kernel),
             initrd: artifacts.join(&info.initrd),
             append: format!("{} {}", info.bootcmdargs, self.cmdline),
-            disks: vec![disk],
-            memory_mib: 1024,
+            disks: vec![disk.clone()],
+            memory_mib: self.memory_mib,
             cpus: 1,
             accel: Accel::Tcg,
             host_forwards: vec![PortForward {
@@ -137,6 +156,11 @@ impl BuildServer {
                     guest_port: 80,
                     target: m.addr(),
                 })
+                .chain(self.artifacts.map(|a| GuestForward {
+                    guest_ip: ARTIFACTS_GUEST.0,
+                    guest_port: ARTIFACTS_GUEST.1,
+                    target: a,
+                }))
                 .collect(),
             bridge_exe: imgforge_bin(),
             serial_log: dir.path().join("console.log"),
@@ -146,7 +170,8 @@ impl BuildServer {
             vm,
             metadata,
             done_addr,
-            _dir: dir,
+            disk,
+            dir,
         })
     }
 }
@@ -172,4 +197,157 @@ pub fn uptime_of(console: &str, needle: &str) -> Option<f64> {
     let start = line.find('[')? + 1;
     let end = line[start..].find(']')? + start;
     line[start..end].trim().parse().ok()
+}
+
+/// A minimal bootable root filesystem as a gzip tarball: static busybox, the
+/// Debian kernel of the e2e bootscript at /boot, and an /sbin/init that
+/// prints `marker` and powers off. Built in memory with deterministic
+/// metadata.
+pub fn busybox_rootfs_tar_gz(marker: &str, with_kernel: bool) -> Vec<u8> {
+    use flate2::{write::GzEncoder, Compression};
+    let mut b = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::fast()));
+    let mut add = |path: &str, mode: u32, kind: tar::EntryType, data: &[u8], link: Option<&str>| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_size(data.len() as u64);
+        if let Some(l) = link {
+            h.set_link_name(l).unwrap();
+        }
+        h.set_cksum();
+        b.append_data(&mut h, path, data).unwrap();
+    };
+    for d in [
+        "bin", "sbin", "boot", "dev", "proc", "sys", "etc", "tmp", "root",
+    ] {
+        add(d, 0o755, tar::EntryType::Directory, &[], None);
+    }
+    let busybox =
+        std::fs::read("/bin/busybox").expect("/bin/busybox (apt-get install busybox-static)");
+    add(
+        "bin/busybox",
+        0o755,
+        tar::EntryType::Regular,
+        &busybox,
+        None,
+    );
+    add(
+        "bin/sh",
+        0o777,
+        tar::EntryType::Symlink,
+        &[],
+        Some("busybox"),
+    );
+    let init = format!(
+        "#!/bin/sh\n/bin/busybox mount -t proc proc /proc\n/bin/busybox echo {marker}\n\
+         /bin/busybox echo root=$(/bin/busybox cat /proc/cmdline)\n/bin/busybox poweroff -f\n"
+    );
+    add(
+        "sbin/init",
+        0o755,
+        tar::EntryType::Regular,
+        init.as_bytes(),
+        None,
+    );
+    add(
+        "etc/hostname",
+        0o644,
+        tar::EntryType::Regular,
+        b"imgforge-test\n",
+        None,
+    );
+    if with_kernel {
+        let vmlinuz = std::fs::read(bootscript_dir().join("vmlinuz")).unwrap();
+        add(
+            "boot/vmlinuz-6.1.0-test",
+            0o644,
+            tar::EntryType::Regular,
+            &vmlinuz,
+            None,
+        );
+    }
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+/// Copies `len` bytes at `offset` of `disk` into a new file (for fsck tools
+/// that take a filesystem image).
+pub fn slice_to_file(disk: &Path, offset: u64, len: u64, out: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(disk)?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut o = std::fs::File::create(out)?;
+    std::io::copy(&mut f.take(len), &mut o)?;
+    Ok(())
+}
+
+/// Runs a judge tool; returns its combined output, failing on a non-zero
+/// exit.
+pub fn judge(program: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("run {program}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    anyhow::ensure!(
+        out.status.success(),
+        "{program} failed ({}):\n{text}",
+        out.status
+    );
+    Ok(text)
+}
+
+/// Boots `disk` under OVMF (NVMe, no network, disk opened read-only) and
+/// waits for a console line matching `pattern`.
+pub fn boot_uefi(disk: &Path, pattern: &str, timeout: Duration) -> Result<String> {
+    let dir = tempfile::tempdir()?;
+    let vm = host::qemu::UefiVm {
+        disk: disk.to_path_buf(),
+        memory_mib: 1024,
+        cpus: 1,
+        accel: Accel::Tcg,
+        vars: dir.path().join("OVMF_VARS.fd"),
+        serial_log: dir.path().join("console.log"),
+        snapshot: true,
+    };
+    let mut vm = vm.spawn()?;
+    let re = regex::Regex::new(pattern)?;
+    vm.wait_for_console(&re, timeout)
+}
+
+/// A Debian bookworm server rootfs (kernel, GRUB EFI, systemd, a serial
+/// console in GRUB's kernel command line) made with mmdebstrap, as a plain
+/// tar. Cached in the target directory: the first build takes a minute and
+/// downloads about 130 MB from Debian's archive.
+pub fn debian_bookworm_tar() -> PathBuf {
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _guard = BUILD.lock().unwrap();
+    let includes = "linux-image-cloud-amd64,grub-efi-amd64,systemd-sysv,udev,e2fsprogs";
+    let key = &initrd::sha256_hex(includes.as_bytes())[..12];
+    let out = target_dir().join(format!("e2e/debian-bookworm-{key}.tar"));
+    if out.is_file() {
+        return out;
+    }
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    let partial = out.with_extension("partial");
+    let status = std::process::Command::new("mmdebstrap")
+        .args(["--mode=root", "--variant=minbase", "--quiet"])
+        .arg(format!("--include={includes}"))
+        // A console on ttyS0 (the tests read the serial port) and a short
+        // menu timeout.
+        .arg("--customize-hook=mkdir -p \"$1/etc/default/grub.d\" && printf 'GRUB_CMDLINE_LINUX=\"console=tty0 console=ttyS0,115200\"\\nGRUB_TIMEOUT=1\\nGRUB_TERMINAL=\"console serial\"\\n' > \"$1/etc/default/grub.d/50-imgforge-serial.cfg\"")
+        .arg("--customize-hook=echo imgforge-debian > \"$1/etc/hostname\"")
+        .arg("bookworm")
+        .arg(&partial)
+        .status()
+        .expect("run mmdebstrap (apt-get install mmdebstrap)");
+    assert!(status.success(), "mmdebstrap failed: {status}");
+    std::fs::rename(&partial, &out).unwrap();
+    out
 }

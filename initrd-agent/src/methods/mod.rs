@@ -1,10 +1,20 @@
 //! Build methods: how the volume gets written. The name comes from the
-//! `build_method` parameter.
+//! `build_method` parameter; each method is one file implementing
+//! [`BuildMethod`], and [`run`] drives the three steps.
+
+mod from_rootfs;
+mod rootfs_stream;
+mod unpartitioned_from_rootfs;
 
 use std::fmt;
 use std::str::FromStr;
 
 use anyhow::bail;
+
+use crate::agent::StageError;
+use crate::metadata::MetadataClient;
+use crate::params::{CommonParams, Params};
+use crate::signal::LayoutEntry;
 
 /// The build methods of the original image-creation initrd (its `custom`
 /// method, which ran a downloaded script, is deliberately not offered).
@@ -58,6 +68,68 @@ impl FromStr for MethodName {
             ),
         }
     }
+}
+
+/// What every method gets: the parameters, the async runtime (methods run
+/// on a blocking thread; network I/O and state reports go through the
+/// runtime) and the metadata client for progress reports.
+pub struct BuildContext {
+    pub params: Params,
+    pub common: CommonParams,
+    pub runtime: tokio::runtime::Handle,
+    pub metadata: Option<MetadataClient>,
+}
+
+impl BuildContext {
+    /// Reports `building: <stage> <percent>` without waiting for it.
+    pub fn report(&self, stage: &str, percent: u8) {
+        if let Some(md) = self.metadata.clone() {
+            let detail = format!("building: {stage} {percent}");
+            self.runtime
+                .spawn(async move { md.report_state(&detail).await });
+        }
+    }
+}
+
+/// What a successful build method hands back for the done line.
+pub struct MethodOutcome {
+    /// Bytes fetched from the network (the compressed size).
+    pub bytes: u64,
+    pub layout: Vec<LayoutEntry>,
+}
+
+/// One build method. The steps run in order on a blocking thread; an error
+/// in any step ends the build (mounts are undone by their guards).
+pub trait BuildMethod {
+    /// Checks parameters and the volume before anything is written.
+    fn pre_build(&mut self, ctx: &BuildContext) -> Result<(), StageError>;
+    /// Writes the volume.
+    fn build(&mut self, ctx: &BuildContext) -> Result<(), StageError>;
+    /// Unmounts, flushes, and describes the result.
+    fn post_build(&mut self, ctx: &BuildContext) -> Result<MethodOutcome, StageError>;
+}
+
+/// Runs `method` to the end. Blocking: call it from `spawn_blocking`.
+pub fn run(method: MethodName, ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
+    let mut m: Box<dyn BuildMethod> = match method {
+        MethodName::FromRootfs => Box::new(from_rootfs::FromRootfs::default()),
+        MethodName::UnpartitionedFromRootfs => {
+            Box::new(unpartitioned_from_rootfs::UnpartitionedFromRootfs::default())
+        }
+        MethodName::FromQcow2 => {
+            return Err(StageError {
+                stage: "dispatch",
+                error: anyhow::anyhow!(
+                    "build method from-qcow2 is not available in initrd-agent {} (it comes \
+                     with a later release); use from-rootfs or unpartitioned-from-rootfs",
+                    env!("CARGO_PKG_VERSION")
+                ),
+            })
+        }
+    };
+    m.pre_build(ctx)?;
+    m.build(ctx)?;
+    m.post_build(ctx)
 }
 
 #[cfg(test)]

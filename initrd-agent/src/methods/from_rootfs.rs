@@ -1,0 +1,157 @@
+//! `from-rootfs`: GPT with an ESP and an ext4 root, the rootfs tarball
+//! streamed onto the root, /etc/fstab by PARTUUID, and GRUB EFI.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use nix::mount::MsFlags;
+use tracing::info;
+use uuid::Uuid;
+
+use super::rootfs_stream::stream_rootfs;
+use super::{BuildContext, BuildMethod, MethodOutcome};
+use crate::agent::{StageContext, StageError};
+use crate::bootloader::{self, BootTarget};
+use crate::disk::{self, Partitioned, Volume};
+use crate::fs::{self, Mount};
+use crate::signal::LayoutEntry;
+
+/// Where the agent mounts the root filesystem it builds.
+pub const ROOT_MOUNT: &str = "/run/initrd-agent/root";
+
+#[derive(Default)]
+pub struct FromRootfs {
+    volume: Option<Volume>,
+    layout: Option<Partitioned>,
+    root_fs_uuid: Option<Uuid>,
+    esp_volume_id: Option<u32>,
+    root_mount: Option<Mount>,
+    esp_mount: Option<Mount>,
+    fetched_bytes: u64,
+}
+
+impl BuildMethod for FromRootfs {
+    fn pre_build(&mut self, ctx: &BuildContext) -> Result<(), StageError> {
+        ctx.params
+            .required("rootfs_url", "from-rootfs")
+            .stage("params")?;
+        self.volume = Some(Volume::open(&ctx.common.volume).stage("disk")?);
+        Ok(())
+    }
+
+    fn build(&mut self, ctx: &BuildContext) -> Result<(), StageError> {
+        let volume = self.volume.as_mut().expect("pre_build opened the volume");
+        ctx.report("disk", 0);
+        let layout = disk::partition(volume, ctx.common.efi_size).stage("disk")?;
+
+        ctx.report("fs", 0);
+        let esp_id = fs::format_fat32(&layout.esp.device, layout.esp.size, "efi").stage("fs")?;
+        let fs_uuid = Uuid::new_v4();
+        fs::format_ext4(&layout.root.device, "root", fs_uuid).stage("fs")?;
+        let root = PathBuf::from(ROOT_MOUNT);
+        let root_mount =
+            Mount::new(&layout.root.device, &root, "ext4", MsFlags::empty()).stage("fs")?;
+
+        ctx.report("fetch", 0);
+        let streamed = stream_rootfs(ctx, &root)?;
+        self.fetched_bytes = streamed.fetched_bytes;
+
+        write_fstab(&root, &layout).stage("fstab")?;
+        let esp_dir = root.join("boot/efi");
+        let esp_mount = Mount::new(&layout.esp.device, &esp_dir, "vfat", MsFlags::empty())
+            .context("mount the ESP (the initrd must carry the fat, vfat and nls modules)")
+            .stage("bootloader")?;
+        ctx.report("bootloader", 0);
+        let how = bootloader::install(&BootTarget {
+            root: &root,
+            esp: &esp_dir,
+            root_device: &layout.root.device,
+            root_fs_uuid: fs_uuid,
+            root_partuuid: layout.root.partuuid,
+        })
+        .stage("bootloader")?;
+        info!("bootloader: {how:?}");
+
+        self.layout = Some(layout);
+        self.root_fs_uuid = Some(fs_uuid);
+        self.esp_volume_id = Some(esp_id);
+        self.root_mount = Some(root_mount);
+        self.esp_mount = Some(esp_mount);
+        Ok(())
+    }
+
+    fn post_build(&mut self, ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
+        // The ESP is mounted inside the root: unmount it first.
+        if let Some(m) = self.esp_mount.take() {
+            m.unmount().stage("finish")?;
+        }
+        if let Some(m) = self.root_mount.take() {
+            m.unmount().stage("finish")?;
+        }
+        if let Some(v) = &self.volume {
+            v.file
+                .sync_all()
+                .context("flush the volume")
+                .stage("finish")?;
+        }
+        ctx.report("finish", 100);
+        let layout = self.layout.as_ref().expect("build partitioned the volume");
+        let entries = vec![
+            LayoutEntry {
+                device: layout.esp.device.display().to_string(),
+                role: "esp".into(),
+                number: Some(layout.esp.number),
+                partuuid: Some(layout.esp.partuuid.to_string()),
+                start_bytes: layout.esp.start,
+                size_bytes: layout.esp.size,
+                fs: Some("vfat".into()),
+                uuid: self
+                    .esp_volume_id
+                    .map(|id| format!("{:04X}-{:04X}", id >> 16, id & 0xffff)),
+            },
+            LayoutEntry {
+                device: layout.root.device.display().to_string(),
+                role: "root".into(),
+                number: Some(layout.root.number),
+                partuuid: Some(layout.root.partuuid.to_string()),
+                start_bytes: layout.root.start,
+                size_bytes: layout.root.size,
+                fs: Some("ext4".into()),
+                uuid: self.root_fs_uuid.map(|u| u.to_string()),
+            },
+        ];
+        for e in &entries {
+            info!(
+                "layout: {} {} #{} {} MiB at {} MiB, {} {}",
+                e.device,
+                e.role,
+                e.number.unwrap_or(0),
+                e.size_bytes >> 20,
+                e.start_bytes >> 20,
+                e.fs.as_deref().unwrap_or("-"),
+                e.uuid.as_deref().unwrap_or("-")
+            );
+        }
+        Ok(MethodOutcome {
+            bytes: self.fetched_bytes,
+            layout: entries,
+        })
+    }
+}
+
+/// /etc/fstab by PARTUUID, like the original (stable across device names:
+/// the image boots as vda, sda or nvme0n1).
+fn write_fstab(root: &Path, layout: &Partitioned) -> anyhow::Result<()> {
+    let text = format!(
+        "# Written by imgforge initrd-agent.\n\
+         PARTUUID={root}\t/\text4\tdefaults,errors=remount-ro\t0\t1\n\
+         PARTUUID={esp}\t/boot/efi\tvfat\tumask=0077\t0\t2\n",
+        root = layout.root.partuuid,
+        esp = layout.esp.partuuid,
+    );
+    let etc = root.join("etc");
+    std::fs::create_dir_all(&etc)?;
+    std::fs::write(etc.join("fstab"), text).context("write /etc/fstab")?;
+    std::fs::create_dir_all(root.join("boot/efi")).context("create /boot/efi")?;
+    Ok(())
+}
