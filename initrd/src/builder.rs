@@ -430,6 +430,7 @@ mod tests {
         spec.modules.clear();
         spec.tools.clear();
         spec.files.clear();
+        spec.generated.clear();
         spec.modules_dir = dir.path().join("does-not-exist");
         spec.compression = Compression::None;
         let initrd = build(&spec).unwrap();
