@@ -157,12 +157,25 @@ pub async fn build(
         }
         Err(join) => return Err(anyhow::anyhow!("build task ended: {join}")).stage("agent"),
     };
+    info!(
+        "build finished in {:.1} s; agent peak memory {} KiB",
+        started.elapsed().as_secs_f64(),
+        peak_rss_kib().map_or_else(|| "unknown".into(), |k| k.to_string())
+    );
     Ok(DoneLine::success(
         method.as_str(),
         started.elapsed().as_secs_f64(),
         outcome.bytes,
         outcome.layout,
     ))
+}
+
+/// The process's peak resident set size (VmHWM), for the log: the agent
+/// streams, so this stays flat whatever the rootfs size.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Reports the result: state on the metadata server, the done line on the

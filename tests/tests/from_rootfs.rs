@@ -96,6 +96,9 @@ async fn from_rootfs_builds_a_disk_that_boots_under_uefi() {
 async fn unpartitioned_from_rootfs_puts_ext4_on_the_whole_volume() {
     let tarball = busybox_rootfs_tar_gz("unused", false);
     let fixture = HttpFixture::start(vec![("/rootfs.tar.gz".into(), tarball.into())]).unwrap();
+    // The connection drops twice mid-stream: the agent resumes with Range
+    // requests instead of failing or starting over.
+    fixture.cut_after(300_000, 2);
     let mut server = BuildServer {
         cmdline: format!(
             "NO_METADATA=1 build_method=unpartitioned-from-rootfs rootfs_url={}",
@@ -110,6 +113,9 @@ async fn unpartitioned_from_rootfs_puts_ext4_on_the_whole_volume() {
     .unwrap();
     let line = server.wait_done(BUILD_TIMEOUT).await.unwrap();
     assert!(line.is_success(), "{line:?}\n{}", server.console());
+    let ranges: Vec<_> = fixture.requests().into_iter().filter_map(|r| r.range).collect();
+    assert_eq!(ranges.len(), 2, "two resumes: {ranges:?}");
+    assert!(ranges[0].starts_with("bytes=300000-"), "{ranges:?}");
     server.vm.kill();
     let disk = server.disk.clone();
     judge("e2fsck", &[OsStr::new("-fn"), disk.as_os_str()]).unwrap();
