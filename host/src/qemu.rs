@@ -59,22 +59,47 @@ pub struct BootscriptVm {
     pub serial_log: PathBuf,
 }
 
+/// The machine every VM here gets: q35, no default devices, no display,
+/// exit instead of rebooting, the serial console written to `serial_log`.
+fn machine_command(memory_mib: u32, cpus: u32, accel: Accel, serial_log: &Path) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-M", "q35", "-nodefaults", "-no-reboot", "-display", "none"]);
+    cmd.args(["-m", &memory_mib.to_string(), "-smp", &cpus.to_string()]);
+    match accel {
+        // `-cpu max` gives the guest RDRAND: without it early getrandom()
+        // blocks for about a second under TCG.
+        Accel::Tcg => cmd.args(["-accel", "tcg", "-cpu", "max"]),
+        Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
+    };
+    cmd.arg("-chardev").arg(format!(
+        "file,id=serial0,path={}",
+        qemu_escape(&serial_log.to_string_lossy())
+    ));
+    cmd.args(["-serial", "chardev:serial0"]);
+    cmd
+}
+
+/// Starts `cmd` with QEMU's own messages in `<serial_log>.qemu`.
+fn spawn_logged(mut cmd: Command, serial_log: &Path) -> Result<Vm> {
+    let stderr_path = serial_log.with_extension("qemu");
+    let stderr =
+        File::create(&stderr_path).with_context(|| format!("create {}", stderr_path.display()))?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .context("start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
+    Ok(Vm {
+        child: Some(child),
+        serial_log: serial_log.to_path_buf(),
+        stderr_log: stderr_path,
+    })
+}
+
 impl BootscriptVm {
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-M", "q35", "-nodefaults", "-no-reboot", "-display", "none"]);
-        cmd.args([
-            "-m",
-            &self.memory_mib.to_string(),
-            "-smp",
-            &self.cpus.to_string(),
-        ]);
-        match self.accel {
-            // `-cpu max` gives the guest RDRAND: without it early getrandom()
-            // blocks for about a second under TCG.
-            Accel::Tcg => cmd.args(["-accel", "tcg", "-cpu", "max"]),
-            Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
-        };
+        let mut cmd = machine_command(self.memory_mib, self.cpus, self.accel, &self.serial_log);
         cmd.arg("-kernel").arg(&self.kernel);
         cmd.arg("-initrd").arg(&self.initrd);
         cmd.args(["-append", &self.append]);
@@ -99,11 +124,6 @@ impl BootscriptVm {
             "-device",
             "virtio-net-pci,netdev=n0",
         ]);
-        cmd.arg("-chardev").arg(format!(
-            "file,id=serial0,path={}",
-            qemu_escape(&self.serial_log.to_string_lossy())
-        ));
-        cmd.args(["-serial", "chardev:serial0"]);
         cmd
     }
 
@@ -137,21 +157,7 @@ impl BootscriptVm {
 
     /// Starts QEMU. QEMU's own messages go to `<serial_log>.qemu`.
     pub fn spawn(&self) -> Result<Vm> {
-        let stderr_path = self.serial_log.with_extension("qemu");
-        let stderr = File::create(&stderr_path)
-            .with_context(|| format!("create {}", stderr_path.display()))?;
-        let child = self
-            .command()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .context("start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
-        Ok(Vm {
-            child: Some(child),
-            serial_log: self.serial_log.clone(),
-            stderr_log: stderr_path,
-        })
+        spawn_logged(self.command(), &self.serial_log)
     }
 }
 
@@ -291,18 +297,7 @@ pub struct UefiVm {
 
 impl UefiVm {
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-M", "q35", "-nodefaults", "-no-reboot", "-display", "none"]);
-        cmd.args([
-            "-m",
-            &self.memory_mib.to_string(),
-            "-smp",
-            &self.cpus.to_string(),
-        ]);
-        match self.accel {
-            Accel::Tcg => cmd.args(["-accel", "tcg", "-cpu", "max"]),
-            Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
-        };
+        let mut cmd = machine_command(self.memory_mib, self.cpus, self.accel, &self.serial_log);
         cmd.arg("-drive").arg(format!(
             "if=pflash,format=raw,unit=0,readonly=on,file={}",
             qemu_escape(OVMF_CODE)
@@ -324,32 +319,13 @@ impl UefiVm {
         cmd.args(["-device", "nvme,drive=d0,serial=imgforge0"]);
         // No network at all: a booted image must not reach anything.
         cmd.args(["-net", "none"]);
-        cmd.arg("-chardev").arg(format!(
-            "file,id=serial0,path={}",
-            qemu_escape(&self.serial_log.to_string_lossy())
-        ));
-        cmd.args(["-serial", "chardev:serial0"]);
         cmd
     }
 
     pub fn spawn(&self) -> Result<Vm> {
         std::fs::copy(OVMF_VARS, &self.vars)
             .with_context(|| format!("copy {OVMF_VARS} (apt-get install ovmf)"))?;
-        let stderr_path = self.serial_log.with_extension("qemu");
-        let stderr = File::create(&stderr_path)
-            .with_context(|| format!("create {}", stderr_path.display()))?;
-        let child = self
-            .command()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .context("start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
-        Ok(Vm {
-            child: Some(child),
-            serial_log: self.serial_log.clone(),
-            stderr_log: stderr_path,
-        })
+        spawn_logged(self.command(), &self.serial_log)
     }
 }
 

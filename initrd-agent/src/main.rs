@@ -108,35 +108,22 @@ fn run_command(
         let mut client = None;
         if use_metadata {
             let ip = cmdline.get("METADATA_IP").unwrap_or(metadata::DEFAULT_IP);
-            let md = metadata::MetadataClient::new(ip, !cmdline.flag("NO_SIGNAL_STATE"));
-            match md {
-                Ok(md) => match md.conf().await {
-                    Ok(conf) => {
-                        tags = Some(conf.tags);
-                        client = Some(md);
-                    }
-                    Err(e) => {
-                        return report(
-                            agent::StageError {
-                                stage: "metadata",
-                                error: e,
-                            }
-                            .to_done_line(),
-                            None,
-                        )
-                        .await
-                    }
-                },
-                Err(e) => {
-                    return report(
-                        agent::StageError {
-                            stage: "metadata",
-                            error: e,
-                        }
-                        .to_done_line(),
-                        None,
-                    )
-                    .await
+            let fetched = match metadata::MetadataClient::new(ip, !cmdline.flag("NO_SIGNAL_STATE"))
+            {
+                Ok(md) => md.conf().await.map(|conf| (md, conf)),
+                Err(e) => Err(e),
+            };
+            match fetched {
+                Ok((md, conf)) => {
+                    tags = Some(conf.tags);
+                    client = Some(md);
+                }
+                Err(error) => {
+                    let failure = agent::StageError {
+                        stage: "metadata",
+                        error,
+                    };
+                    return report(failure.to_done_line(), None).await;
                 }
             }
         }
