@@ -1,45 +1,85 @@
 #!/usr/bin/env bash
-# The main job, as far as imgforge goes today: set up, build the
-# image-creation bootscript (kernel + initrd with the agent as PID 1), boot a
-# build server on a blank volume in QEMU (TCG, restricted user networking)
-# and print the agent's done line.
+# The main job: build a Debian bookworm server image on this machine and boot it.
 #
-# Usage: scripts/main-job.sh [BUILD_METHOD]   (default: from-rootfs)
+#   1. set the machine up (Debian packages, Rust musl target)
+#   2. build initrd-agent (static musl) and imgforge
+#   3. imgforge initrd: the image-creation bootscript (Debian kernel + initrd, agent as PID 1)
+#   4. a Debian bookworm rootfs tarball with mmdebstrap (kernel, GRUB EFI, systemd; serial console)
+#   5. a build server in QEMU (TCG, restricted user networking) with a blank volume; the agent
+#      streams the rootfs from a loopback HTTP server, partitions, formats, installs GRUB
+#   6. the image boots under UEFI (OVMF) to a login prompt on the serial console
+#
+# Steps 5-6 become `imgforge build` and `imgforge boot` with the local provider.
+# Usage: scripts/main-job.sh [OUTPUT_DISK]   (default: ./debian-bookworm.raw)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-method="${1:-from-rootfs}"
+out="${1:-$PWD/debian-bookworm.raw}"
+step() { echo "== $*"; }
 
-echo "== 1/4 setting up the machine"
+step "1/6 setting up the machine"
 ./scripts/setup.sh
-echo "== 2/4 building initrd-agent (static musl) and imgforge"
+step "2/6 building initrd-agent (static musl) and imgforge"
 cargo build -q --profile agent --target x86_64-unknown-linux-musl -p initrd-agent
 cargo build -q -p host
+imgforge="$PWD/target/debug/imgforge"
 work="$(mktemp -d)"
-trap 'kill "$qemu_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT INT TERM
 
-echo "== 3/4 imgforge initrd -o $work/bootscript"
-./target/debug/imgforge initrd -o "$work/bootscript"
+step "3/6 imgforge initrd -o $work/bootscript"
+"$imgforge" initrd -o "$work/bootscript" >/dev/null
 args="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bootcmdargs"])' "$work/bootscript/bootscript.json")"
 
-echo "== 4/4 booting the build server (build_method=$method, NO_METADATA=1)"
-truncate -s 1G "$work/volume.raw"
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+step "4/6 Debian bookworm rootfs with mmdebstrap (about a minute)"
+mkdir -p "$work/www"
+mmdebstrap --mode=root --variant=minbase --quiet \
+  --include=linux-image-cloud-amd64,grub-efi-amd64,systemd-sysv,udev,e2fsprogs \
+  --customize-hook='mkdir -p "$1/etc/default/grub.d" && printf "GRUB_CMDLINE_LINUX=\"console=tty0 console=ttyS0,115200\"\nGRUB_TIMEOUT=1\nGRUB_TERMINAL=\"console serial\"\n" > "$1/etc/default/grub.d/50-imgforge-serial.cfg"' \
+  --customize-hook='echo imgforge-debian > "$1/etc/hostname"' \
+  bookworm "$work/www/rootfs.tar"
+ls -l "$work/www/rootfs.tar"
+
+step "5/6 build server: from-rootfs onto a 2 GiB volume"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+http_port="$(free_port)"; done_port="$(free_port)"
+python3 -m http.server --bind 127.0.0.1 --directory "$work/www" "$http_port" >/dev/null 2>&1 &
+pids+=($!)
+rm -f "$out"; truncate -s 2G "$out"
 qemu-system-x86_64 -M q35 -nodefaults -no-reboot -display none -m 1024 -smp 2 -accel tcg -cpu max \
   -kernel "$work/bootscript/vmlinuz" -initrd "$work/bootscript/initrd.img" \
-  -append "$args NO_METADATA=1 build_method=$method" \
-  -drive "file=$work/volume.raw,if=none,id=d0,format=raw" -device virtio-blk-pci,drive=d0 \
-  -netdev "user,id=n0,restrict=on,net=169.254.0.0/16,host=169.254.0.2,dhcpstart=169.254.0.15,hostfwd=tcp:127.0.0.1:$port-:22" \
-  -device virtio-net-pci,netdev=n0 -serial "file:$work/console.log" &
-qemu_pid=$!
-for _ in $(seq 1 120); do
-  line="$(timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port && head -n1 <&3" 2>/dev/null || true)"
-  if [ -n "$line" ]; then
-    grep -E '^\[ *[0-9]+\.[0-9]+\]' "$work/console.log" || true
-    echo "== done line: $line"
+  -append "$args NO_METADATA=1 build_method=from-rootfs rootfs_url=http://169.254.42.10/rootfs.tar" \
+  -drive "file=$out,if=none,id=d0,format=raw,cache=unsafe" -device virtio-blk-pci,drive=d0 \
+  -netdev "user,id=n0,restrict=on,net=169.254.0.0/16,host=169.254.0.2,dhcpstart=169.254.0.15,hostfwd=tcp:127.0.0.1:$done_port-:22,guestfwd=tcp:169.254.42.10:80-cmd:$imgforge guestfwd-bridge 127.0.0.1:$http_port" \
+  -device virtio-net-pci,netdev=n0 -serial "file:$work/build-console.log" &
+build_pid=$!; pids+=($build_pid)
+line=""
+for _ in $(seq 1 900); do
+  line="$(timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$done_port && head -n1 <&3" 2>/dev/null || true)"
+  [ -n "$line" ] && break
+  sleep 1
+done
+grep -E 'INFO|ERROR|WARN' "$work/build-console.log" | tail -20
+echo "done line: $line"
+kill "$build_pid" 2>/dev/null || true; wait "$build_pid" 2>/dev/null || true
+case "$line" in *'"status":"0"'*) ;; *) echo "the build failed" >&2; exit 1;; esac
+
+step "6/6 booting $out under UEFI (OVMF), waiting for the login prompt"
+cp /usr/share/OVMF/OVMF_VARS.fd "$work/vars.fd"
+qemu-system-x86_64 -M q35 -nodefaults -no-reboot -display none -m 1024 -smp 2 -accel tcg -cpu max \
+  -drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd \
+  -drive "if=pflash,format=raw,unit=1,file=$work/vars.fd" \
+  -drive "file=$out,if=none,id=d0,format=raw,snapshot=on" -device nvme,drive=d0,serial=imgforge0 \
+  -net none -serial "file:$work/boot-console.log" &
+boot_pid=$!; pids+=($boot_pid)
+for _ in $(seq 1 300); do
+  if grep -q "login:" "$work/boot-console.log" 2>/dev/null; then
+    grep -aE "Welcome|Debian GNU|login:" "$work/boot-console.log" | tail -3
+    echo "== the image boots: $out"
     exit 0
   fi
   sleep 1
 done
-echo "no done line within 2 minutes; console:" >&2
-tail -40 "$work/console.log" >&2
+echo "no login prompt within 5 minutes; console:" >&2
+tail -30 "$work/boot-console.log" >&2
 exit 1

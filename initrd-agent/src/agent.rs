@@ -55,7 +55,7 @@ pub fn run_initrd(cmdline: Cmdline) -> i32 {
 }
 
 async fn initrd_main(cmdline: Cmdline) -> i32 {
-    let metadata = if cmdline.flag("NO_METADATA") {
+    let mut metadata = if cmdline.flag("NO_METADATA") {
         info!("NO_METADATA is set: parameters come from the kernel command line alone");
         None
     } else {
@@ -112,11 +112,24 @@ async fn initrd_main(cmdline: Cmdline) -> i32 {
 
     let params = Params::resolve(tags.as_deref(), &cmdline);
     info!("parameters resolved: {}", params.describe().join(" "));
+    if let Some(md) = metadata.as_mut() {
+        md.set_report_state(!params.flag("NO_SIGNAL_STATE"));
+    }
+    if params.flag("INITRD_PRE_SHELL") {
+        tokio::task::spawn_blocking(|| crate::pid1::debug_shell("INITRD_PRE_SHELL"))
+            .await
+            .ok();
+    }
     if let Ok(common) = params.common() {
         // PID 1 signals on this port if the worker dies from here on.
         std::fs::write(crate::pid1::PORT_FILE, common.signal_port.to_string()).ok();
     }
     let result = build(&params, metadata.as_ref()).await;
+    if params.flag("POST_BUILD_SHELL") {
+        tokio::task::spawn_blocking(|| crate::pid1::debug_shell("POST_BUILD_SHELL"))
+            .await
+            .ok();
+    }
     finish(result, Some(&params), &cmdline, metadata.as_ref()).await
 }
 

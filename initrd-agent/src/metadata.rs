@@ -48,6 +48,12 @@ impl MetadataClient {
         })
     }
 
+    /// Turns `PATCH /state` reports on or off (`NO_SIGNAL_STATE` may come
+    /// from a server tag, known only after the first metadata read).
+    pub fn set_report_state(&mut self, on: bool) {
+        self.report_state = on;
+    }
+
     /// GET /conf?format=json, retrying connection errors, 429 and 5xx with
     /// exponential backoff (0.25 s doubling, capped at 4 s).
     pub async fn conf(&self) -> Result<Conf> {

@@ -33,17 +33,23 @@ const MODULES_DIR: &str = "/lib/modules";
 pub const PORT_FILE: &str = "/run/initrd-agent.port";
 
 pub fn main() -> ! {
-    crate::log::init(false);
+    // The log level comes from the kernel command line, so /proc goes first
+    // (quietly; mount_api_filesystems reports it with the others).
+    let _ = std::fs::create_dir_all("/proc");
+    let _ = mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV,
+        None::<&str>,
+    );
+    let cmdline = Cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    crate::log::init(cmdline.flag("INITRD_VERBOSE") || cmdline.flag("INITRD_DEBUG"));
     info!(
         "initrd-agent {} starting as PID 1",
         env!("CARGO_PKG_VERSION")
     );
     mount_api_filesystems();
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let cmdline = Cmdline::parse(&cmdline);
-    if cmdline.flag("INITRD_VERBOSE") || cmdline.flag("INITRD_DEBUG") {
-        tracing::debug!("verbose logging requested");
-    }
     load_modules(Path::new(MODULES_DIR));
 
     // SAFETY: no other thread exists yet (the tokio runtime is created in
@@ -206,6 +212,32 @@ fn serve_blocking(port: u16, line: &DoneLine) {
     );
     for mut stream in listener.incoming().flatten() {
         let _ = stream.write_all(line.to_line().as_bytes());
+    }
+}
+
+/// Runs an interactive shell on the console and waits for it to exit
+/// (`INITRD_PRE_SHELL` / `POST_BUILD_SHELL`, for debugging a build server).
+/// The default initrd carries no shell: add `busybox` to the bootscript's
+/// initrd tools for one.
+pub fn debug_shell(why: &str) {
+    let shell = ["/bin/sh", "/usr/bin/busybox", "/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file());
+    let Some(shell) = shell else {
+        tracing::warn!(
+            "{why} is set but this initrd has no shell: add busybox to the bootscript's initrd tools \
+             (busybox-static) and rebuild it with `imgforge initrd`; continuing without a shell"
+        );
+        return;
+    };
+    info!("{why}: starting {shell} on the console; exit the shell to continue");
+    let mut cmd = std::process::Command::new(shell);
+    if shell.ends_with("busybox") {
+        cmd.arg("sh");
+    }
+    match cmd.status() {
+        Ok(status) => info!("{why}: shell exited ({status})"),
+        Err(e) => error!("{why}: cannot start {shell}: {e}"),
     }
 }
 

@@ -335,7 +335,8 @@ pub fn debian_bookworm_tar() -> PathBuf {
         return out;
     }
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-    let partial = out.with_extension("partial");
+    // mmdebstrap picks the output format from the extension: keep `.tar`.
+    let partial = out.with_extension("partial.tar");
     let status = std::process::Command::new("mmdebstrap")
         .args(["--mode=root", "--variant=minbase", "--quiet"])
         .arg(format!("--include={includes}"))
