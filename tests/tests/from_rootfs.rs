@@ -113,7 +113,11 @@ async fn unpartitioned_from_rootfs_puts_ext4_on_the_whole_volume() {
     .unwrap();
     let line = server.wait_done(BUILD_TIMEOUT).await.unwrap();
     assert!(line.is_success(), "{line:?}\n{}", server.console());
-    let ranges: Vec<_> = fixture.requests().into_iter().filter_map(|r| r.range).collect();
+    let ranges: Vec<_> = fixture
+        .requests()
+        .into_iter()
+        .filter_map(|r| r.range)
+        .collect();
     assert_eq!(ranges.len(), 2, "two resumes: {ranges:?}");
     assert!(ranges[0].starts_with("bytes=300000-"), "{ranges:?}");
     server.vm.kill();
