@@ -6,3 +6,4 @@ pub mod guestfwd;
 pub mod kernel;
 pub mod metadata_server;
 pub mod qemu;
+pub mod serve;

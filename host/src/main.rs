@@ -44,6 +44,8 @@ enum Command {
         #[arg(long, env = "IMGFORGE_AGENT")]
         agent: Option<PathBuf>,
     },
+    /// Serve files over HTTP under unguessable URLs (for build servers).
+    Serve(host::serve::ServeArgs),
     /// Relay stdin/stdout to a TCP address (QEMU's guestfwd runs this per
     /// guest connection).
     #[command(hide = true)]
@@ -112,6 +114,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Serve(args) => host::serve::run_serve(args, cli.json),
         Command::GuestfwdBridge { .. } => unreachable!("handled before logging starts"),
     }
 }

@@ -1,0 +1,89 @@
+//! The `imgforge` binary as a user runs it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tests::{agent_bin, imgforge_bin};
+
+#[test]
+fn initrd_output_is_byte_identical_across_runs() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    for dir in [a.path(), b.path()] {
+        let out = Command::new(imgforge_bin())
+            .args(["--json", "initrd", "--bootscript", "image-creation-x86_64", "-o"])
+            .arg(dir)
+            .env("IMGFORGE_AGENT", agent_bin())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(info["initrd_sha256"].as_str().unwrap().len(), 64);
+    }
+    for f in ["vmlinuz", "initrd.img", "bootscript.json"] {
+        let x = std::fs::read(a.path().join(f)).unwrap();
+        let y = std::fs::read(b.path().join(f)).unwrap();
+        assert!(x == y, "{f} differs between two runs");
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.path().join("bootscript.json")).unwrap()).unwrap();
+    let initrd = std::fs::read(a.path().join("initrd.img")).unwrap();
+    assert_eq!(json["initrd_sha256"], initrd::sha256_hex(&initrd));
+    assert_eq!(json["arch"], "x86_64");
+    assert!(json["bootcmdargs"].as_str().unwrap().contains("console=ttyS0"));
+}
+
+#[test]
+fn initrd_with_an_unknown_bootscript_lists_the_known_ones() {
+    let out = Command::new(imgforge_bin())
+        .args(["initrd", "--bootscript", "nope", "-o", "/tmp/never"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no bootscript named 'nope'") && err.contains("image-creation-x86_64"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_prints_unguessable_urls_serves_the_bytes_and_stops_on_sigint() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rootfs.tar");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    let mut child = Command::new(imgforge_bin())
+        .arg("serve")
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    let fields: Vec<&str> = first.split_whitespace().collect();
+    let (url, size, sha) = (fields[0], fields[1], fields[2]);
+    assert!(url.starts_with("http://127.0.0.1:"), "{first}");
+    assert!(url.ends_with("/rootfs.tar"), "{first}");
+    assert_eq!(size, "3000000");
+    assert_eq!(sha, initrd::sha256_hex(&data));
+    let token = url.rsplit('/').nth(1).unwrap();
+    assert!(token.len() >= 32, "token of at least 128 bits: {token}");
+
+    let client = reqwest::Client::new();
+    let body = client.get(url).send().await.unwrap().bytes().await.unwrap();
+    assert!(body[..] == data[..]);
+    let other = url.replace("/rootfs.tar", "/etc-passwd");
+    assert_eq!(client.get(&other).send().await.unwrap().status(), 404);
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT)
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "imgforge serve did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+}
