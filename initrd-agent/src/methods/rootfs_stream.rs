@@ -72,7 +72,9 @@ pub fn stream_rootfs(ctx: &BuildContext, root: &Path) -> Result<Streamed, StageE
         .stage("fetch")?;
     info!(
         "rootfs: {} bytes fetched (sha256 {}), {} entries extracted",
-        fetched.bytes, fetched.sha256, summary.entries
+        fetched.bytes,
+        fetched.sha256.as_deref().unwrap_or("not checked"),
+        summary.entries
     );
     ctx.report("extract", 100);
     Ok(Streamed {
