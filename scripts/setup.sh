@@ -14,6 +14,7 @@ packages=(
   cpio file binutils                    # reading archives back in tests
   musl-tools                            # musl-gcc for C in crates (ring) on the musl target
   busybox-static mmdebstrap             # test root filesystems
+  umoci podman zstd xz-utils            # rootfs tests: umoci judges layer application; podman: engine source
   apt-utils ca-certificates
 )
 missing=()

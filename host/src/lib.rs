@@ -6,4 +6,5 @@ pub mod guestfwd;
 pub mod kernel;
 pub mod metadata_server;
 pub mod qemu;
+pub mod rootfs;
 pub mod serve;

@@ -44,6 +44,11 @@ enum Command {
         #[arg(long, env = "IMGFORGE_AGENT")]
         agent: Option<PathBuf>,
     },
+    /// Build a rootfs tarball from a directory, a tar, an OCI layout, a
+    /// docker-archive, a container engine's image or a Debian suite.
+    Rootfs(host::rootfs::RootfsArgs),
+    /// Print a Dockerfile with the FROM line for an architecture.
+    Dockerfile(host::rootfs::DockerfileArgs),
     /// Serve files over HTTP under unguessable URLs (for build servers).
     Serve(host::serve::ServeArgs),
     /// Relay stdin/stdout to a TCP address (QEMU's guestfwd runs this per
@@ -114,6 +119,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Rootfs(args) => host::rootfs::run_rootfs(args, cli.json),
+        Command::Dockerfile(args) => host::rootfs::run_dockerfile(args, cli.json),
         Command::Serve(args) => host::serve::run_serve(args, cli.json),
         Command::GuestfwdBridge { .. } => unreachable!("handled before logging starts"),
     }

@@ -12,12 +12,22 @@ fn initrd_output_is_byte_identical_across_runs() {
     let b = tempfile::tempdir().unwrap();
     for dir in [a.path(), b.path()] {
         let out = Command::new(imgforge_bin())
-            .args(["--json", "initrd", "--bootscript", "image-creation-x86_64", "-o"])
+            .args([
+                "--json",
+                "initrd",
+                "--bootscript",
+                "image-creation-x86_64",
+                "-o",
+            ])
             .arg(dir)
             .env("IMGFORGE_AGENT", agent_bin())
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(info["initrd_sha256"].as_str().unwrap().len(), 64);
     }
@@ -31,7 +41,10 @@ fn initrd_output_is_byte_identical_across_runs() {
     let initrd = std::fs::read(a.path().join("initrd.img")).unwrap();
     assert_eq!(json["initrd_sha256"], initrd::sha256_hex(&initrd));
     assert_eq!(json["arch"], "x86_64");
-    assert!(json["bootcmdargs"].as_str().unwrap().contains("console=ttyS0"));
+    assert!(json["bootcmdargs"]
+        .as_str()
+        .unwrap()
+        .contains("console=ttyS0"));
 }
 
 #[test]
@@ -42,14 +55,19 @@ fn initrd_with_an_unknown_bootscript_lists_the_known_ones() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no bootscript named 'nope'") && err.contains("image-creation-x86_64"), "{err}");
+    assert!(
+        err.contains("no bootscript named 'nope'") && err.contains("image-creation-x86_64"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_prints_unguessable_urls_serves_the_bytes_and_stops_on_sigint() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("rootfs.tar");
-    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
     std::fs::write(&file, &data).unwrap();
     let mut child = Command::new(imgforge_bin())
         .arg("serve")
@@ -59,7 +77,9 @@ async fn serve_prints_unguessable_urls_serves_the_bytes_and_stops_on_sigint() {
         .spawn()
         .unwrap();
     let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
     let fields: Vec<&str> = first.split_whitespace().collect();
     let (url, size, sha) = (fields[0], fields[1], fields[2]);
     assert!(url.starts_with("http://127.0.0.1:"), "{first}");
@@ -75,14 +95,20 @@ async fn serve_prints_unguessable_urls_serves_the_bytes_and_stops_on_sigint() {
     let other = url.replace("/rootfs.tar", "/etc-passwd");
     assert_eq!(client.get(&other).send().await.unwrap().status(), 404);
 
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT)
-        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
     let started = std::time::Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "imgforge serve did not stop on SIGINT");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "imgforge serve did not stop on SIGINT"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status}");
