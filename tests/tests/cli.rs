@@ -113,3 +113,44 @@ async fn serve_prints_unguessable_urls_serves_the_bytes_and_stops_on_sigint() {
     };
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn an_interrupted_rootfs_build_leaves_no_partial_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("rootfs.tar.zst");
+    // `tar:-` reads stdin, which is kept open and fed half a tar header, so
+    // the build is in progress when the signal comes.
+    let mut child = Command::new(imgforge_bin())
+        .args(["rootfs", "tar:-", "-o"])
+        .arg(&out)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, &[b'a'; 300]).unwrap();
+    // Wait until the partial file exists, then interrupt.
+    let started = std::time::Instant::now();
+    while std::fs::read_dir(dir.path()).unwrap().count() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no partial output appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    drop(stdin);
+    assert_eq!(status.code(), Some(130), "{status}");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

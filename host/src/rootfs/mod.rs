@@ -260,6 +260,7 @@ pub fn run_rootfs(args: RootfsArgs, json: bool) -> Result<()> {
             hostname: args.hostname,
         },
     };
+    remove_partial_output_on_interrupt();
     let report = build(&source, &args.output, &opts)
         .with_context(|| format!("cannot build the rootfs from {source}"))?;
     if json {
@@ -272,6 +273,34 @@ pub fn run_rootfs(args: RootfsArgs, json: bool) -> Result<()> {
         println!("  entries     {}", report.entries);
     }
     Ok(())
+}
+
+/// On Ctrl-C or SIGTERM: remove the partial output and exit 130, so an
+/// interrupted `imgforge rootfs` leaves nothing behind. Child processes
+/// (mmdebstrap, podman) get the terminal's SIGINT themselves.
+fn remove_partial_output_on_interrupt() {
+    std::thread::spawn(|| {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            let removed = output::remove_partials();
+            eprintln!("imgforge: interrupted; removed {removed} partial output file(s)");
+            std::process::exit(130);
+        });
+    });
 }
 
 /// `imgforge dockerfile`.

@@ -547,6 +547,7 @@ impl Output {
             .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
             .tempfile_in(&dir)
             .with_context(|| format!("cannot create a file in '{}'", dir.display()))?;
+        register_partial(temp.path());
         let file = temp.as_file().try_clone()?;
         let sink = HashWriter {
             inner: BufWriter::with_capacity(1 << 20, file),
@@ -620,6 +621,29 @@ impl Output {
             entries,
         })
     }
+}
+
+/// Partial outputs of this process, removed by [`remove_partials`] when the
+/// process is interrupted (a signal skips the temp file's own cleanup).
+static PARTIALS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn register_partial(path: &Path) {
+    if let Ok(mut p) = PARTIALS.lock() {
+        p.push(path.to_path_buf());
+    }
+}
+
+/// Removes every partial output this process started. Paths already
+/// renamed into place or cleaned up are gone and skipped.
+pub fn remove_partials() -> usize {
+    let paths = PARTIALS
+        .lock()
+        .map(|mut p| std::mem::take(&mut *p))
+        .unwrap_or_default();
+    paths
+        .iter()
+        .filter(|p| std::fs::remove_file(p).is_ok())
+        .count()
 }
 
 #[cfg(test)]
