@@ -74,7 +74,7 @@ qemu-system-x86_64 -M q35 -nodefaults -no-reboot -display none -m 1024 -smp 2 -a
 boot_pid=$!; pids+=($boot_pid)
 for _ in $(seq 1 300); do
   if grep -q "login:" "$work/boot-console.log" 2>/dev/null; then
-    grep -aE "Welcome|Debian GNU|login:" "$work/boot-console.log" | tail -3
+    grep -aE "^Debian GNU/Linux [0-9]|login:" "$work/boot-console.log" | tail -2
     echo "== the image boots: $out"
     exit 0
   fi
