@@ -4,7 +4,7 @@
 #   1. set the machine up (Debian packages, Rust musl target)
 #   2. build initrd-agent (static musl) and imgforge
 #   3. imgforge initrd: the image-creation bootscript (Debian kernel + initrd, agent as PID 1)
-#   4. a Debian bookworm rootfs tarball with mmdebstrap (kernel, GRUB EFI, systemd; serial console)
+#   4. imgforge rootfs debian:bookworm (mmdebstrap: kernel, GRUB EFI, systemd; serial console)
 #   5. a build server in QEMU (TCG, restricted user networking) with a blank volume; the agent
 #      streams the rootfs from a loopback HTTP server, partitions, formats, installs GRUB
 #   6. the image boots under UEFI (OVMF) to a login prompt on the serial console
@@ -31,13 +31,9 @@ step "3/6 imgforge initrd -o $work/bootscript"
 "$imgforge" initrd -o "$work/bootscript" >/dev/null
 args="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bootcmdargs"])' "$work/bootscript/bootscript.json")"
 
-step "4/6 Debian bookworm rootfs with mmdebstrap (about a minute)"
+step "4/6 imgforge rootfs debian:bookworm (mmdebstrap, about a minute)"
 mkdir -p "$work/www"
-mmdebstrap --mode=root --variant=minbase --quiet \
-  --include=linux-image-cloud-amd64,grub-efi-amd64,systemd-sysv,udev,e2fsprogs \
-  --customize-hook='mkdir -p "$1/etc/default/grub.d" && printf "GRUB_CMDLINE_LINUX=\"console=tty0 console=ttyS0,115200\"\nGRUB_TIMEOUT=1\nGRUB_TERMINAL=\"console serial\"\n" > "$1/etc/default/grub.d/50-imgforge-serial.cfg"' \
-  --customize-hook='echo imgforge-debian > "$1/etc/hostname"' \
-  bookworm "$work/www/rootfs.tar"
+"$imgforge" rootfs debian:bookworm --hostname imgforge-debian -o "$work/www/rootfs.tar"
 ls -l "$work/www/rootfs.tar"
 
 step "5/6 build server: from-rootfs onto a 2 GiB volume"
