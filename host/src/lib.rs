@@ -1,5 +1,6 @@
 //! Host library.
 
+pub mod boot;
 pub mod bootscript;
 pub mod done_signal;
 pub mod guestfwd;

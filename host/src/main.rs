@@ -49,6 +49,8 @@ enum Command {
     Rootfs(host::rootfs::RootfsArgs),
     /// Print a Dockerfile with the FROM line for an architecture.
     Dockerfile(host::rootfs::DockerfileArgs),
+    /// Boot a disk image under UEFI (OVMF) and wait for a console line.
+    Boot(host::boot::BootArgs),
     /// Serve files over HTTP under unguessable URLs (for build servers).
     Serve(host::serve::ServeArgs),
     /// Relay stdin/stdout to a TCP address (QEMU's guestfwd runs this per
@@ -121,6 +123,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Rootfs(args) => host::rootfs::run_rootfs(args, cli.json),
         Command::Dockerfile(args) => host::rootfs::run_dockerfile(args, cli.json),
+        Command::Boot(args) => host::boot::run_boot(args, cli.json),
         Command::Serve(args) => host::serve::run_serve(args, cli.json),
         Command::GuestfwdBridge { .. } => unreachable!("handled before logging starts"),
     }

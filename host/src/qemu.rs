@@ -178,6 +178,11 @@ impl Vm {
         &self.serial_log
     }
 
+    /// The QEMU process id (0 once stopped).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     /// The console output so far.
     pub fn console(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(&self.serial_log).unwrap_or_default()).into_owned()

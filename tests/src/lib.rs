@@ -303,22 +303,29 @@ pub fn judge(program: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
     Ok(text)
 }
 
-/// Boots `disk` under OVMF (NVMe, no network, disk opened read-only) and
-/// waits for a console line matching `pattern`.
+/// Boots `disk` with `imgforge boot` (OVMF, NVMe, no network, disk opened
+/// read-only) and returns the console line that matched `pattern`.
 pub fn boot_uefi(disk: &Path, pattern: &str, timeout: Duration) -> Result<String> {
-    let dir = tempfile::tempdir()?;
-    let vm = host::qemu::UefiVm {
-        disk: disk.to_path_buf(),
-        memory_mib: 1024,
-        cpus: 1,
-        accel: Accel::Tcg,
-        vars: dir.path().join("OVMF_VARS.fd"),
-        serial_log: dir.path().join("console.log"),
-        snapshot: true,
-    };
-    let mut vm = vm.spawn()?;
-    let re = regex::Regex::new(pattern)?;
-    vm.wait_for_console(&re, timeout)
+    let out = std::process::Command::new(imgforge_bin())
+        .args(["--json", "boot"])
+        .arg(disk)
+        .args([
+            "--expect",
+            pattern,
+            "--timeout",
+            &timeout.as_secs().to_string(),
+        ])
+        .output()
+        .context("run imgforge boot")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "imgforge boot failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("imgforge boot --json output")?;
+    Ok(v["matched"].as_str().unwrap_or_default().to_string())
 }
 
 /// A Debian bookworm server rootfs (kernel, GRUB EFI, systemd, a serial

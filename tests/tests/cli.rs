@@ -154,3 +154,45 @@ fn an_interrupted_rootfs_build_leaves_no_partial_output() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+#[test]
+fn boot_refuses_a_missing_file_and_times_out_on_a_blank_disk() {
+    let out = Command::new(imgforge_bin())
+        .args(["boot", "/nonexistent/disk.raw"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/disk.raw") && err.contains("not a disk image file"),
+        "{err}"
+    );
+
+    // A blank disk has nothing to boot: the wait ends at the timeout with the
+    // console tail, and no QEMU is left running.
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("blank.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let started = std::time::Instant::now();
+    let out = Command::new(imgforge_bin())
+        .arg("boot")
+        .arg(&disk)
+        .args(["--expect", "login:", "--timeout", "12"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no console line matching /login:/"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(40));
+    let ps = Command::new("pgrep")
+        .args(["-f", disk.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        ps.stdout.is_empty(),
+        "a QEMU for the blank disk is still running"
+    );
+}
