@@ -68,7 +68,17 @@ pub fn run_boot(args: BootArgs, json: bool) -> Result<()> {
         serial_log,
         snapshot: true,
     };
-    kill_qemu_on_interrupt();
+    // No VM is left behind when interrupted.
+    crate::interrupt::on_interrupt(|| {
+        let pid = RUNNING_QEMU.load(Ordering::SeqCst);
+        if pid != 0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        eprintln!("imgforge: interrupted");
+    });
     let started = Instant::now();
     let mut running = vm.spawn()?;
     RUNNING_QEMU.store(running.pid(), Ordering::SeqCst);
@@ -95,36 +105,4 @@ pub fn run_boot(args: BootArgs, json: bool) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// On Ctrl-C or SIGTERM: kill QEMU, then exit 130, so no VM is left behind.
-fn kill_qemu_on_interrupt() {
-    std::thread::spawn(|| {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        rt.block_on(async {
-            let Ok(mut term) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            else {
-                return;
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            let pid = RUNNING_QEMU.load(Ordering::SeqCst);
-            if pid != 0 {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            eprintln!("imgforge: interrupted");
-            std::process::exit(130);
-        });
-    });
 }

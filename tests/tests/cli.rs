@@ -196,3 +196,45 @@ fn boot_refuses_a_missing_file_and_times_out_on_a_blank_disk() {
         "a QEMU for the blank disk is still running"
     );
 }
+
+#[test]
+fn an_interrupted_boot_leaves_no_qemu_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("blank-interrupted.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mut child = Command::new(imgforge_bin())
+        .arg("boot")
+        .arg(&disk)
+        .args(["--timeout", "120"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let qemu_running = || {
+        !Command::new("pgrep")
+            .args(["-f", disk.to_str().unwrap()])
+            .output()
+            .unwrap()
+            .stdout
+            .is_empty()
+    };
+    let started = std::time::Instant::now();
+    while !qemu_running() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "QEMU never started"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!qemu_running(), "QEMU survived the interrupted boot");
+}

@@ -260,7 +260,12 @@ pub fn run_rootfs(args: RootfsArgs, json: bool) -> Result<()> {
             hostname: args.hostname,
         },
     };
-    remove_partial_output_on_interrupt();
+    // An interrupted build leaves no partial output. Child processes
+    // (mmdebstrap, podman) get the terminal's SIGINT themselves.
+    crate::interrupt::on_interrupt(|| {
+        let removed = output::remove_partials();
+        eprintln!("imgforge: interrupted; removed {removed} partial output file(s)");
+    });
     let report = build(&source, &args.output, &opts)
         .with_context(|| format!("cannot build the rootfs from {source}"))?;
     if json {
@@ -273,34 +278,6 @@ pub fn run_rootfs(args: RootfsArgs, json: bool) -> Result<()> {
         println!("  entries     {}", report.entries);
     }
     Ok(())
-}
-
-/// On Ctrl-C or SIGTERM: remove the partial output and exit 130, so an
-/// interrupted `imgforge rootfs` leaves nothing behind. Child processes
-/// (mmdebstrap, podman) get the terminal's SIGINT themselves.
-fn remove_partial_output_on_interrupt() {
-    std::thread::spawn(|| {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        rt.block_on(async {
-            let Ok(mut term) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            else {
-                return;
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            let removed = output::remove_partials();
-            eprintln!("imgforge: interrupted; removed {removed} partial output file(s)");
-            std::process::exit(130);
-        });
-    });
 }
 
 /// `imgforge dockerfile`.
