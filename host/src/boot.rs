@@ -67,6 +67,8 @@ pub fn run_boot(args: BootArgs, json: bool) -> Result<()> {
         vars: dir.path().join("OVMF_VARS.fd"),
         serial_log,
         snapshot: true,
+        extra_disks: vec![],
+        net: None,
     };
     // No VM is left behind when interrupted.
     crate::interrupt::on_interrupt(|| {

@@ -43,7 +43,7 @@ pub async fn bridge_stdio_to(addr: SocketAddr) -> anyhow::Result<()> {
 
 /// Stdin as an `AsyncRead`, fed by a detached OS thread. Read errors end the
 /// stream like EOF.
-fn stdin_reader() -> impl AsyncRead + Unpin + Send + 'static {
+pub(crate) fn stdin_reader() -> impl AsyncRead + Unpin + Send + 'static {
     let (mut to_bridge, from_stdin) = tokio::io::duplex(BUF_SIZE);
     let rt = tokio::runtime::Handle::current();
     let spawned = std::thread::Builder::new()
@@ -142,8 +142,36 @@ pub fn guestfwd_rule(
     bridge_exe: &Path,
     target: SocketAddr,
 ) -> String {
-    let exe = bridge_exe.to_string_lossy();
-    let command = format!("{} {BRIDGE_SUBCOMMAND} {target}", single_quote(&exe));
+    guestfwd_command_rule(
+        guest_ip,
+        guest_port,
+        bridge_exe,
+        &[BRIDGE_SUBCOMMAND.to_string(), target.to_string()],
+    )
+}
+
+/// Like [`guestfwd_rule`] for any command: `exe args...` runs once per guest
+/// connection with the connection on stdin/stdout (and stderr). Arguments
+/// with characters outside `[A-Za-z0-9._:/=@-]` are single-quoted.
+pub fn guestfwd_command_rule(
+    guest_ip: Ipv4Addr,
+    guest_port: u16,
+    exe: &Path,
+    args: &[String],
+) -> String {
+    let mut command = single_quote(&exe.to_string_lossy());
+    for arg in args {
+        command.push(' ');
+        let plain = !arg.is_empty()
+            && arg
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._:/=@-".contains(c));
+        if plain {
+            command.push_str(arg);
+        } else {
+            command.push_str(&single_quote(arg));
+        }
+    }
     format!("guestfwd=tcp:{guest_ip}:{guest_port}-cmd:{command}").replace(',', ",,")
 }
 

@@ -53,6 +53,33 @@ enum Command {
     Boot(host::boot::BootArgs),
     /// Serve files over HTTP under unguessable URLs (for build servers).
     Serve(host::serve::ServeArgs),
+    /// Build an image: rootfs, build server, snapshot, image.
+    Build(host::build::BuildArgs),
+    /// Servers of a provider: create, list, get, start, stop, rm...
+    Server {
+        #[command(flatten)]
+        provider: host::resources::ProviderArgs,
+        #[command(subcommand)]
+        command: host::resources::ServerCommand,
+    },
+    /// Snapshots of volumes.
+    Snapshot {
+        #[command(flatten)]
+        provider: host::resources::ProviderArgs,
+        #[command(subcommand)]
+        command: host::resources::SnapshotCommand,
+    },
+    /// Images: create, list, get, rm, export.
+    Image {
+        #[command(flatten)]
+        provider: host::resources::ProviderArgs,
+        #[command(subcommand)]
+        command: host::resources::ImageCommand,
+    },
+    /// Serve one metadata connection on stdin/stdout (QEMU runs this per
+    /// guest connection to a local server's metadata address).
+    #[command(hide = true)]
+    LocalMetadata(host::provider::local::metadata::LocalMetadataArgs),
     /// Relay stdin/stdout to a TCP address (QEMU's guestfwd runs this per
     /// guest connection).
     #[command(hide = true)]
@@ -67,6 +94,14 @@ fn main() {
         // the exit code only, and exit as soon as the relay ends (that is
         // what closes the guest's connection).
         let code = match guestfwd_bridge(target) {
+            Ok(()) => 0,
+            Err(_) => 1,
+        };
+        std::process::exit(code);
+    }
+    if let Command::LocalMetadata(args) = cli.command {
+        // Same rule as the bridge: stderr is the guest's connection.
+        let code = match local_metadata(args) {
             Ok(()) => 0,
             Err(_) => 1,
         };
@@ -125,7 +160,19 @@ fn run(cli: Cli) -> Result<()> {
         Command::Dockerfile(args) => host::rootfs::run_dockerfile(args, cli.json),
         Command::Boot(args) => host::boot::run_boot(args, cli.json),
         Command::Serve(args) => host::serve::run_serve(args, cli.json),
-        Command::GuestfwdBridge { .. } => unreachable!("handled before logging starts"),
+        Command::Build(args) => host::build::run_build(args, cli.json),
+        Command::Server { provider, command } => {
+            host::resources::run_server(command, &provider, cli.json)
+        }
+        Command::Snapshot { provider, command } => {
+            host::resources::run_snapshot(command, &provider, cli.json)
+        }
+        Command::Image { provider, command } => {
+            host::resources::run_image(command, &provider, cli.json)
+        }
+        Command::GuestfwdBridge { .. } | Command::LocalMetadata(_) => {
+            unreachable!("handled before logging starts")
+        }
     }
 }
 
@@ -134,4 +181,11 @@ fn guestfwd_bridge(target: SocketAddr) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(host::guestfwd::bridge_stdio_to(target))
+}
+
+fn local_metadata(args: host::provider::local::metadata::LocalMetadataArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(host::provider::local::metadata::serve_stdio(args))
 }

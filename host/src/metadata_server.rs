@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -164,7 +164,77 @@ impl Shared {
     }
 }
 
-type AppState = Arc<Shared>;
+/// Which endpoint a request went to (for [`MetadataStore::record_request`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Conf,
+    State,
+    UserData,
+}
+
+/// Where a metadata server's answers come from and where its writes go:
+/// memory for [`MetadataServer`], the local provider's server record for
+/// the per-connection server that QEMU spawns (see
+/// `provider::local::metadata`).
+pub trait MetadataStore: Send + Sync + 'static {
+    /// Called once per request, before it is answered.
+    fn record_request(&self, _endpoint: Endpoint) {}
+    /// The metadata to serve, or `None` to answer `429 Too Many Requests`.
+    fn conf(&self) -> anyhow::Result<Option<ServerMetadata>>;
+    fn set_state_detail(&self, detail: &str) -> anyhow::Result<()>;
+    fn user_data_keys(&self) -> anyhow::Result<Vec<String>>;
+    fn user_data(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>>;
+    fn set_user_data(&self, key: &str, value: Vec<u8>) -> anyhow::Result<()>;
+    /// Whether the key existed.
+    fn delete_user_data(&self, key: &str) -> anyhow::Result<bool>;
+}
+
+impl MetadataStore for Shared {
+    fn record_request(&self, endpoint: Endpoint) {
+        let mut inner = self.lock();
+        match endpoint {
+            Endpoint::Conf => inner.counts.conf += 1,
+            Endpoint::State => inner.counts.state += 1,
+            Endpoint::UserData => inner.counts.user_data += 1,
+        }
+    }
+
+    fn conf(&self) -> anyhow::Result<Option<ServerMetadata>> {
+        let mut inner = self.lock();
+        if inner.pending_429 > 0 {
+            inner.pending_429 -= 1;
+            inner.counts.too_many_requests += 1;
+            return Ok(None);
+        }
+        Ok(Some(inner.meta.clone()))
+    }
+
+    fn set_state_detail(&self, detail: &str) -> anyhow::Result<()> {
+        self.lock().meta.state_detail = detail.to_owned();
+        self.states
+            .send_modify(|states| states.push(detail.to_owned()));
+        Ok(())
+    }
+
+    fn user_data_keys(&self) -> anyhow::Result<Vec<String>> {
+        Ok(self.lock().user_data.keys().cloned().collect())
+    }
+
+    fn user_data(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self.lock().user_data.get(key).cloned())
+    }
+
+    fn set_user_data(&self, key: &str, value: Vec<u8>) -> anyhow::Result<()> {
+        self.lock().user_data.insert(key.to_owned(), value);
+        Ok(())
+    }
+
+    fn delete_user_data(&self, key: &str) -> anyhow::Result<bool> {
+        Ok(self.lock().user_data.remove(key).is_some())
+    }
+}
+
+type AppState = Arc<dyn MetadataStore>;
 
 /// A running metadata server. Dropping it triggers a graceful shutdown in the
 /// background; [`MetadataServer::shutdown`] waits for it.
@@ -207,14 +277,10 @@ impl MetadataServer {
             states,
         });
 
-        let app = router(shared.clone());
+        let app = router(shared.clone() as AppState);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = rt.spawn(async move {
-            let serve = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
                 // Either an explicit stop or the handle being dropped.
                 let _ = stopped.await;
             });
@@ -345,7 +411,9 @@ impl Drop for MetadataServer {
     }
 }
 
-fn router(state: AppState) -> Router {
+/// The metadata API over `store`, for any transport: a TCP listener
+/// ([`MetadataServer`]) or one connection on stdin/stdout ([`serve_stdio`]).
+pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/conf", get(get_conf))
         .route("/state", patch(patch_state))
@@ -360,16 +428,20 @@ fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn log_request(
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: Request,
-    next: Next,
-) -> Response {
+async fn log_request(req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let uri = req.uri().clone();
     let resp = next.run(req).await;
-    tracing::debug!(%peer, %method, %uri, status = resp.status().as_u16(), "metadata request");
+    tracing::debug!(%method, %uri, status = resp.status().as_u16(), "metadata request");
     resp
+}
+
+fn internal_error(e: anyhow::Error) -> Response {
+    error_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        format!("{e:#}"),
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -400,23 +472,17 @@ fn error_response(status: StatusCode, kind: &str, message: impl Into<String>) ->
         .into_response()
 }
 
-async fn get_conf(State(shared): State<AppState>, Query(q): Query<FormatQuery>) -> Response {
-    let meta = {
-        let mut inner = shared.lock();
-        inner.counts.conf += 1;
-        if inner.pending_429 > 0 {
-            inner.pending_429 -= 1;
-            inner.counts.too_many_requests += 1;
-            // No body, no Retry-After: like the real service.
-            return StatusCode::TOO_MANY_REQUESTS.into_response();
-        }
-        inner.meta.clone()
+async fn get_conf(State(store): State<AppState>, Query(q): Query<FormatQuery>) -> Response {
+    store.record_request(Endpoint::Conf);
+    let meta = match store.conf() {
+        Ok(Some(meta)) => meta,
+        // No body, no Retry-After: like the real service.
+        Ok(None) => return StatusCode::TOO_MANY_REQUESTS.into_response(),
+        Err(e) => return internal_error(e),
     };
     let value = match serde_json::to_value(&meta) {
         Ok(v) => v,
-        Err(e) => {
-            return error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        }
+        Err(e) => return internal_error(e.into()),
     };
     if q.is_json() {
         Json(value).into_response()
@@ -430,8 +496,8 @@ struct StateBody {
     state_detail: String,
 }
 
-async fn patch_state(State(shared): State<AppState>, body: Bytes) -> Response {
-    shared.lock().counts.state += 1;
+async fn patch_state(State(store): State<AppState>, body: Bytes) -> Response {
+    store.record_request(Endpoint::State);
     // Parse regardless of Content-Type: shell tools do not always set it.
     let parsed: StateBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
@@ -444,19 +510,21 @@ async fn patch_state(State(shared): State<AppState>, body: Bytes) -> Response {
         }
     };
     tracing::debug!(state_detail = %parsed.state_detail, "server state_detail updated");
-    shared.lock().meta.state_detail = parsed.state_detail.clone();
-    let detail = parsed.state_detail;
-    shared
-        .states
-        .send_modify(|states| states.push(detail.clone()));
-    (StatusCode::OK, Json(json!({ "state_detail": detail }))).into_response()
+    if let Err(e) = store.set_state_detail(&parsed.state_detail) {
+        return internal_error(e);
+    }
+    (
+        StatusCode::OK,
+        Json(json!({ "state_detail": parsed.state_detail })),
+    )
+        .into_response()
 }
 
-async fn list_user_data(State(shared): State<AppState>, Query(q): Query<FormatQuery>) -> Response {
-    let keys: Vec<String> = {
-        let mut inner = shared.lock();
-        inner.counts.user_data += 1;
-        inner.user_data.keys().cloned().collect()
+async fn list_user_data(State(store): State<AppState>, Query(q): Query<FormatQuery>) -> Response {
+    store.record_request(Endpoint::UserData);
+    let keys = match store.user_data_keys() {
+        Ok(keys) => keys,
+        Err(e) => return internal_error(e),
     };
     let value = json!({ "user_data": keys });
     if q.is_json() {
@@ -476,38 +544,33 @@ fn not_found(key: &str) -> Response {
     )
 }
 
-async fn get_user_data(State(shared): State<AppState>, Path(key): Path<String>) -> Response {
-    let value = {
-        let mut inner = shared.lock();
-        inner.counts.user_data += 1;
-        inner.user_data.get(&key).cloned()
-    };
-    match value {
-        Some(v) => text_response(StatusCode::OK, v),
-        None => not_found(&key),
+async fn get_user_data(State(store): State<AppState>, Path(key): Path<String>) -> Response {
+    store.record_request(Endpoint::UserData);
+    match store.user_data(&key) {
+        Ok(Some(v)) => text_response(StatusCode::OK, v),
+        Ok(None) => not_found(&key),
+        Err(e) => internal_error(e),
     }
 }
 
 async fn patch_user_data(
-    State(shared): State<AppState>,
+    State(store): State<AppState>,
     Path(key): Path<String>,
     body: Bytes,
 ) -> Response {
-    let mut inner = shared.lock();
-    inner.counts.user_data += 1;
-    inner.user_data.insert(key, body.to_vec());
-    StatusCode::NO_CONTENT.into_response()
+    store.record_request(Endpoint::UserData);
+    match store.set_user_data(&key, body.to_vec()) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => internal_error(e),
+    }
 }
 
-async fn delete_user_data(State(shared): State<AppState>, Path(key): Path<String>) -> Response {
-    let removed = {
-        let mut inner = shared.lock();
-        inner.counts.user_data += 1;
-        inner.user_data.remove(&key)
-    };
-    match removed {
-        Some(_) => StatusCode::NO_CONTENT.into_response(),
-        None => not_found(&key),
+async fn delete_user_data(State(store): State<AppState>, Path(key): Path<String>) -> Response {
+    store.record_request(Endpoint::UserData);
+    match store.delete_user_data(&key) {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => not_found(&key),
+        Err(e) => internal_error(e),
     }
 }
 

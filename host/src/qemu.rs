@@ -41,6 +41,75 @@ pub struct GuestForward {
     pub target: SocketAddr,
 }
 
+/// A guest-visible address answered by a command run once per connection
+/// (the connection on its stdin/stdout, see [`guestfwd`]).
+#[derive(Clone, Debug)]
+pub struct GuestCommand {
+    pub guest_ip: Ipv4Addr,
+    pub guest_port: u16,
+    pub exe: PathBuf,
+    pub args: Vec<String>,
+}
+
+/// User-mode networking with `restrict=on`: the guest reaches only the
+/// forwards listed here.
+#[derive(Clone, Debug, Default)]
+pub struct UserNet {
+    pub host_forwards: Vec<PortForward>,
+    pub guest_forwards: Vec<GuestForward>,
+    pub guest_commands: Vec<GuestCommand>,
+    /// The executable that runs `guestfwd-bridge` (imgforge itself).
+    pub bridge_exe: PathBuf,
+}
+
+impl UserNet {
+    /// The `-netdev` value.
+    fn netdev(&self) -> String {
+        let mut opts = vec![
+            "user".to_string(),
+            "id=n0".into(),
+            "restrict=on".into(),
+            "net=169.254.0.0/16".into(),
+            "host=169.254.0.2".into(),
+            "dhcpstart=169.254.0.15".into(),
+        ];
+        for f in &self.host_forwards {
+            opts.push(format!(
+                "hostfwd=tcp:{}:{}-:{}",
+                f.host.ip(),
+                f.host.port(),
+                f.guest_port
+            ));
+        }
+        for g in &self.guest_forwards {
+            opts.push(guestfwd::guestfwd_rule(
+                g.guest_ip,
+                g.guest_port,
+                &self.bridge_exe,
+                g.target,
+            ));
+        }
+        for c in &self.guest_commands {
+            opts.push(guestfwd::guestfwd_command_rule(
+                c.guest_ip,
+                c.guest_port,
+                &c.exe,
+                &c.args,
+            ));
+        }
+        opts.join(",")
+    }
+
+    fn add_to(&self, cmd: &mut Command) {
+        cmd.args([
+            "-netdev",
+            &self.netdev(),
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ]);
+    }
+}
+
 /// Everything needed to start one build server booted from a bootscript.
 #[derive(Clone, Debug)]
 pub struct BootscriptVm {
@@ -52,16 +121,37 @@ pub struct BootscriptVm {
     pub memory_mib: u32,
     pub cpus: u32,
     pub accel: Accel,
-    pub host_forwards: Vec<PortForward>,
-    pub guest_forwards: Vec<GuestForward>,
-    /// The executable that runs `guestfwd-bridge` (imgforge itself).
-    pub bridge_exe: PathBuf,
+    pub net: UserNet,
     pub serial_log: PathBuf,
+}
+
+impl BootscriptVm {
+    pub fn command(&self) -> Command {
+        let mut cmd = machine_command(self.memory_mib, self.cpus, self.accel, &self.serial_log);
+        cmd.arg("-kernel").arg(&self.kernel);
+        cmd.arg("-initrd").arg(&self.initrd);
+        cmd.args(["-append", &self.append]);
+        for (i, disk) in self.disks.iter().enumerate() {
+            add_virtio_disk(&mut cmd, i, disk);
+        }
+        self.net.add_to(&mut cmd);
+        cmd
+    }
+
+    /// Starts QEMU. QEMU's own messages go to `<serial_log>.qemu`.
+    pub fn spawn(&self) -> Result<Vm> {
+        spawn_logged(self.command(), &self.serial_log)
+    }
 }
 
 /// The machine every VM here gets: q35, no default devices, no display,
 /// exit instead of rebooting, the serial console written to `serial_log`.
-fn machine_command(memory_mib: u32, cpus: u32, accel: Accel, serial_log: &Path) -> Command {
+pub(crate) fn machine_command(
+    memory_mib: u32,
+    cpus: u32,
+    accel: Accel,
+    serial_log: &Path,
+) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-M", "q35", "-nodefaults", "-no-reboot", "-display", "none"]);
     cmd.args(["-m", &memory_mib.to_string(), "-smp", &cpus.to_string()]);
@@ -97,67 +187,25 @@ fn spawn_logged(mut cmd: Command, serial_log: &Path) -> Result<Vm> {
     })
 }
 
-impl BootscriptVm {
-    pub fn command(&self) -> Command {
-        let mut cmd = machine_command(self.memory_mib, self.cpus, self.accel, &self.serial_log);
-        cmd.arg("-kernel").arg(&self.kernel);
-        cmd.arg("-initrd").arg(&self.initrd);
-        cmd.args(["-append", &self.append]);
-        for (i, disk) in self.disks.iter().enumerate() {
-            let format = if disk.extension().is_some_and(|e| e == "qcow2") {
-                "qcow2"
-            } else {
-                "raw"
-            };
-            cmd.arg("-drive").arg(format!(
-                "file={},if=none,id=d{i},format={format},cache=unsafe",
-                qemu_escape(&disk.to_string_lossy())
-            ));
-            cmd.args([
-                "-device",
-                &format!("virtio-blk-pci,drive=d{i},serial=vol{i}"),
-            ]);
-        }
-        cmd.args([
-            "-netdev",
-            &self.netdev(),
-            "-device",
-            "virtio-net-pci,netdev=n0",
-        ]);
-        cmd
-    }
+/// Volume `i` as a virtio-blk disk (`/dev/vda`, `/dev/vdb`...).
+fn add_virtio_disk(cmd: &mut Command, i: usize, disk: &Path) {
+    cmd.arg("-drive").arg(format!(
+        "file={},if=none,id=d{i},format={},cache=unsafe",
+        qemu_escape(&disk.to_string_lossy()),
+        disk_format(disk)
+    ));
+    cmd.args([
+        "-device",
+        &format!("virtio-blk-pci,drive=d{i},serial=vol{i}"),
+    ]);
+}
 
-    fn netdev(&self) -> String {
-        let mut opts = vec![
-            "user".to_string(),
-            "id=n0".into(),
-            "restrict=on".into(),
-            "net=169.254.0.0/16".into(),
-            "host=169.254.0.2".into(),
-            "dhcpstart=169.254.0.15".into(),
-        ];
-        for f in &self.host_forwards {
-            opts.push(format!(
-                "hostfwd=tcp:{}:{}-:{}",
-                f.host.ip(),
-                f.host.port(),
-                f.guest_port
-            ));
-        }
-        for g in &self.guest_forwards {
-            opts.push(guestfwd::guestfwd_rule(
-                g.guest_ip,
-                g.guest_port,
-                &self.bridge_exe,
-                g.target,
-            ));
-        }
-        opts.join(",")
-    }
-
-    /// Starts QEMU. QEMU's own messages go to `<serial_log>.qemu`.
-    pub fn spawn(&self) -> Result<Vm> {
-        spawn_logged(self.command(), &self.serial_log)
+/// `qcow2` for `*.qcow2`, else `raw`.
+fn disk_format(disk: &Path) -> &'static str {
+    if disk.extension().is_some_and(|e| e == "qcow2") {
+        "qcow2"
+    } else {
+        "raw"
     }
 }
 
@@ -245,16 +293,19 @@ mod tests {
             memory_mib: 512,
             cpus: 1,
             accel: Accel::Tcg,
-            host_forwards: vec![PortForward {
-                host: "127.0.0.1:4022".parse().unwrap(),
-                guest_port: 22,
-            }],
-            guest_forwards: vec![GuestForward {
-                guest_ip: METADATA_GUEST_IP,
-                guest_port: 80,
-                target: "127.0.0.1:5000".parse().unwrap(),
-            }],
-            bridge_exe: "/usr/bin/imgforge".into(),
+            net: UserNet {
+                host_forwards: vec![PortForward {
+                    host: "127.0.0.1:4022".parse().unwrap(),
+                    guest_port: 22,
+                }],
+                guest_forwards: vec![GuestForward {
+                    guest_ip: METADATA_GUEST_IP,
+                    guest_port: 80,
+                    target: "127.0.0.1:5000".parse().unwrap(),
+                }],
+                guest_commands: vec![],
+                bridge_exe: "/usr/bin/imgforge".into(),
+            },
             serial_log: "/tmp/console.log".into(),
         };
         let args: Vec<String> = vm
@@ -298,6 +349,10 @@ pub struct UefiVm {
     pub serial_log: PathBuf,
     /// Open the disk read-only (snapshot=on): the image is not modified.
     pub snapshot: bool,
+    /// Further volumes, as virtio-blk.
+    pub extra_disks: Vec<PathBuf>,
+    /// No network at all when `None`.
+    pub net: Option<UserNet>,
 }
 
 impl UefiVm {
@@ -311,25 +366,34 @@ impl UefiVm {
             "if=pflash,format=raw,unit=1,file={}",
             qemu_escape(&self.vars.to_string_lossy())
         ));
-        let format = if self.disk.extension().is_some_and(|e| e == "qcow2") {
-            "qcow2"
-        } else {
-            "raw"
-        };
         cmd.arg("-drive").arg(format!(
-            "file={},if=none,id=d0,format={format}{}",
+            "file={},if=none,id=nvme0,format={}{}",
             qemu_escape(&self.disk.to_string_lossy()),
+            disk_format(&self.disk),
             if self.snapshot { ",snapshot=on" } else { "" }
         ));
-        cmd.args(["-device", "nvme,drive=d0,serial=imgforge0"]);
-        // No network at all: a booted image must not reach anything.
-        cmd.args(["-net", "none"]);
+        cmd.args(["-device", "nvme,drive=nvme0,serial=imgforge0"]);
+        for (i, disk) in self.extra_disks.iter().enumerate() {
+            add_virtio_disk(&mut cmd, i + 1, disk);
+        }
+        match &self.net {
+            Some(net) => net.add_to(&mut cmd),
+            None => {
+                cmd.args(["-net", "none"]);
+            }
+        }
         cmd
     }
 
-    pub fn spawn(&self) -> Result<Vm> {
+    /// Gives the machine its own copy of the UEFI variable store.
+    pub fn prepare_vars(&self) -> Result<()> {
         std::fs::copy(OVMF_VARS, &self.vars)
             .with_context(|| format!("copy {OVMF_VARS} (apt-get install ovmf)"))?;
+        Ok(())
+    }
+
+    pub fn spawn(&self) -> Result<Vm> {
+        self.prepare_vars()?;
         spawn_logged(self.command(), &self.serial_log)
     }
 }

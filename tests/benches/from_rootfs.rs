@@ -22,7 +22,7 @@ use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use host::qemu::{self, Accel, BootscriptVm, GuestForward};
+use host::qemu::{self, Accel, BootscriptVm, GuestForward, UserNet};
 use tests::http_fixture::{FileSource, HttpFixture};
 use tests::{agent_bin, guest_url, imgforge_bin, target_dir, ARTIFACTS_GUEST};
 
@@ -461,13 +461,16 @@ async fn main() {
         memory_mib: MEMORY_MIB,
         cpus: 1,
         accel: Accel::Tcg,
-        host_forwards: vec![],
-        guest_forwards: vec![GuestForward {
-            guest_ip: ARTIFACTS_GUEST.0,
-            guest_port: ARTIFACTS_GUEST.1,
-            target: fixture.addr(),
-        }],
-        bridge_exe: imgforge_bin(),
+        net: UserNet {
+            host_forwards: vec![],
+            guest_forwards: vec![GuestForward {
+                guest_ip: ARTIFACTS_GUEST.0,
+                guest_port: ARTIFACTS_GUEST.1,
+                target: fixture.addr(),
+            }],
+            guest_commands: vec![],
+            bridge_exe: imgforge_bin(),
+        },
         serial_log: dir.path().join("console.log"),
     };
     let mut vm = vm.spawn().unwrap();

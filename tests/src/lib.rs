@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use host::done_signal::{self, DoneLine};
 use host::metadata_server::{MetadataServer, ServerMetadata};
-use host::qemu::{self, Accel, BootscriptVm, GuestForward, PortForward, Vm};
+use host::qemu::{self, Accel, BootscriptVm, GuestForward, PortForward, UserNet, Vm};
 
 /// The workspace's root directory.
 pub fn workspace_root() -> PathBuf {
@@ -145,24 +145,27 @@ impl BuildServer {
             memory_mib: self.memory_mib,
             cpus: 1,
             accel: Accel::Tcg,
-            host_forwards: vec![PortForward {
-                host: done_addr,
-                guest_port: self.done_port_guest,
-            }],
-            guest_forwards: metadata
-                .iter()
-                .map(|m| GuestForward {
-                    guest_ip: qemu::METADATA_GUEST_IP,
-                    guest_port: 80,
-                    target: m.addr(),
-                })
-                .chain(self.artifacts.map(|a| GuestForward {
-                    guest_ip: ARTIFACTS_GUEST.0,
-                    guest_port: ARTIFACTS_GUEST.1,
-                    target: a,
-                }))
-                .collect(),
-            bridge_exe: imgforge_bin(),
+            net: UserNet {
+                host_forwards: vec![PortForward {
+                    host: done_addr,
+                    guest_port: self.done_port_guest,
+                }],
+                guest_forwards: metadata
+                    .iter()
+                    .map(|m| GuestForward {
+                        guest_ip: qemu::METADATA_GUEST_IP,
+                        guest_port: 80,
+                        target: m.addr(),
+                    })
+                    .chain(self.artifacts.map(|a| GuestForward {
+                        guest_ip: ARTIFACTS_GUEST.0,
+                        guest_port: ARTIFACTS_GUEST.1,
+                        target: a,
+                    }))
+                    .collect(),
+                guest_commands: vec![],
+                bridge_exe: imgforge_bin(),
+            },
             serial_log: dir.path().join("console.log"),
         };
         let vm = vm.spawn()?;
@@ -358,4 +361,104 @@ pub fn debian_bookworm_tar() -> PathBuf {
     assert!(status.success(), "mmdebstrap failed: {status}");
     std::fs::rename(&partial, &out).unwrap();
     out
+}
+
+/// A local provider state directory of its own, and `imgforge` commands run
+/// against it (TCG, the e2e bootscript's agent).
+pub struct LocalHome {
+    pub dir: tempfile::TempDir,
+}
+
+impl LocalHome {
+    pub fn new() -> LocalHome {
+        LocalHome {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `imgforge ARGS` with `IMGFORGE_HOME` set to this directory.
+    pub fn command<I, S>(&self, args: I) -> std::process::Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut cmd = std::process::Command::new(imgforge_bin());
+        cmd.args(args)
+            .env("IMGFORGE_HOME", self.path())
+            .env("IMGFORGE_ACCEL", "tcg")
+            .env("IMGFORGE_AGENT", agent_bin());
+        cmd
+    }
+
+    /// Runs `imgforge --json ARGS`, asserts success, parses stdout.
+    pub fn json<I, S>(&self, args: I) -> serde_json::Value
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut cmd = self.command(["--json"]);
+        cmd.args(args);
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{cmd:?}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// The record files of one kind (`servers`, `volumes`, `snapshots`,
+    /// `images`) and the data files beside them.
+    pub fn files(&self, kind: &str) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.path().join(kind))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// Asserts that no server or volume is left, and no QEMU process runs
+    /// for this directory.
+    pub fn assert_no_servers_left(&self) {
+        assert_eq!(self.files("servers"), Vec::<String>::new(), "servers left");
+        assert_eq!(self.files("volumes"), Vec::<String>::new(), "volumes left");
+        let running = qemu_processes_for(self.path());
+        assert!(running.is_empty(), "QEMU processes left: {running:?}");
+    }
+}
+
+impl Default for LocalHome {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Live (non-zombie) QEMU processes whose command line mentions `dir`.
+pub fn qemu_processes_for(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.starts_with("qemu-system") && cmdline.contains(&needle)
+        })
+        .collect()
 }

@@ -39,7 +39,7 @@ pub use debian::{default_packages, DebianOptions, GRUB_SERIAL_CFG};
 pub use dockerfile::{select as select_dockerfile, Selected};
 pub use engine::{Engine, EngineKind};
 pub use oci::normalise_arch;
-pub use output::{Compression, OutputOptions, Report};
+pub use output::{remove_partials, Compression, OutputOptions, Report};
 
 /// The source schemes, for messages and help.
 pub const SCHEMES: &str =

@@ -1,0 +1,465 @@
+//! `imgforge build`: the whole image build as one command (the original
+//! `create_image_live_from_rootfs.sh`).
+//!
+//! 1. resolve the rootfs: an `imgforge rootfs` source is built to a tarball,
+//!    a local file is used as is, an http(s) URL is handed to the agent;
+//! 2. serve local files on loopback (the server reaches them through the
+//!    provider);
+//! 3. create a build server (image-creation bootscript, one blank volume of
+//!    `--size`, the agent's parameters as tags) and start it;
+//! 4. follow the agent's `state_detail` as progress and poll its done
+//!    signal; a failure line ends the build at once, with the agent's
+//!    message and the end of the console;
+//! 5. stop the server, snapshot the volume, create the image, delete the
+//!    server.
+//!
+//! Whatever happens (an error, Ctrl-C, SIGTERM), every server and volume
+//! the build created is deleted before imgforge exits.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::done_signal::{self, DoneLine};
+use crate::provider::{Boot, Provider, ServerSpec, ServerState, VolumeSpec};
+use crate::resources::{parse_size, ProviderArgs};
+use crate::serve::ArtifactServer;
+
+/// The agent's done-signal port (the original's default).
+const DONE_PORT: u16 = 22;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BuildArgs {
+    /// The build method the agent runs.
+    #[arg(long, value_enum, default_value = "from-rootfs")]
+    pub method: Method,
+    /// The root filesystem: an `imgforge rootfs` source (dir:, tar:, oci:,
+    /// docker-archive:, docker:, podman:, debian:SUITE), a local tarball, or
+    /// an http(s) URL the build server downloads itself.
+    #[arg(long, required_unless_present = "disk_image")]
+    pub rootfs: Option<String>,
+    /// A disk image (from-qcow2): a local file or an http(s) URL.
+    #[arg(long, conflicts_with = "rootfs")]
+    pub disk_image: Option<String>,
+    /// The image's name.
+    #[arg(long)]
+    pub name: String,
+    /// The volume's size (4G, 512M...).
+    #[arg(long, default_value = "4G", value_parser = parse_size)]
+    pub size: u64,
+    #[arg(long, default_value = "x86_64")]
+    pub arch: String,
+    /// More agent parameters as server tags (efi_size=200M, grow_fs=1,
+    /// INITRD_VERBOSE=1...); repeatable.
+    #[arg(long = "param", value_name = "KEY=VALUE")]
+    pub params: Vec<String>,
+    /// Use this `imgforge initrd -o DIR` output instead of building the
+    /// image-creation bootscript.
+    #[arg(long, value_name = "DIR")]
+    pub bootscript_dir: Option<PathBuf>,
+    /// debian: sources: the image's /etc/hostname.
+    #[arg(long, default_value = "debian")]
+    pub hostname: String,
+    /// debian: sources: more packages (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "PKG,...")]
+    pub include: Vec<String>,
+    /// Give up if the server has not reported booting after this many
+    /// seconds.
+    #[arg(long, default_value_t = 600)]
+    pub boot_timeout: u64,
+    /// Give up if the build has not ended after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout: u64,
+    /// Build server memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub memory: u32,
+    #[command(flatten)]
+    pub provider: ProviderArgs,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    FromRootfs,
+    UnpartitionedFromRootfs,
+    FromQcow2,
+}
+
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::FromRootfs => "from-rootfs",
+            Method::UnpartitionedFromRootfs => "unpartitioned-from-rootfs",
+            Method::FromQcow2 => "from-qcow2",
+        }
+    }
+}
+
+/// What `imgforge build` prints (`--json`).
+#[derive(Debug, Serialize)]
+pub struct BuildReport {
+    pub image_id: String,
+    pub name: String,
+    pub snapshot_id: String,
+    pub provider: String,
+    pub method: String,
+    pub seconds: f64,
+    pub done: DoneLine,
+}
+
+/// The servers this build created, for the interrupt handler.
+#[derive(Clone, Default)]
+struct Created(Arc<Mutex<Vec<String>>>);
+
+impl Created {
+    fn add(&self, id: &str) {
+        self.0.lock().unwrap().push(id.to_owned());
+    }
+    fn remove(&self, id: &str) {
+        self.0.lock().unwrap().retain(|s| s != id);
+    }
+    fn all(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+pub fn run_build(args: BuildArgs, json: bool) -> Result<()> {
+    let provider: Arc<dyn Provider> = Arc::from(args.provider.open()?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    let created = Created::default();
+    {
+        let provider = provider.clone();
+        let created = created.clone();
+        crate::interrupt::on_interrupt(move || {
+            eprintln!("imgforge: interrupted; removing what the build created");
+            crate::rootfs::remove_partials();
+            crate::provider::local::remove_partials();
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(delete_servers(provider.as_ref(), &created.all()));
+        });
+    }
+    let result = rt.block_on(build(&args, provider.clone(), &created));
+    // On error, nothing the build created stays behind.
+    rt.block_on(delete_servers(provider.as_ref(), &created.all()));
+    let report = result?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "image {} ({}) built in {:.0} s",
+            report.name, report.image_id, report.seconds
+        );
+    }
+    Ok(())
+}
+
+async fn delete_servers(provider: &dyn Provider, ids: &[String]) {
+    for id in ids {
+        if let Err(e) = provider.stop_server(id).await {
+            warn!("stop server {id}: {e:#}");
+        }
+        match provider.delete_server(id, true).await {
+            Ok(()) => info!("deleted build server {id} and its volume"),
+            Err(e) => warn!(
+                "delete server {id}: {e:#} (remove it with `imgforge server rm --force {id}`)"
+            ),
+        }
+    }
+}
+
+async fn build(
+    args: &BuildArgs,
+    provider: Arc<dyn Provider>,
+    created: &Created,
+) -> Result<BuildReport> {
+    let started = Instant::now();
+    if args.method == Method::FromQcow2 || args.disk_image.is_some() {
+        bail!("the from-qcow2 build method is not available yet; use from-rootfs or unpartitioned-from-rootfs");
+    }
+    let rootfs = args.rootfs.as_deref().context("--rootfs is required")?;
+    if let Ok(existing) = crate::provider::find_image(provider.as_ref(), &args.name).await {
+        bail!(
+            "an image named {:?} exists already ({}): delete it (imgforge image rm {}) or choose another --name",
+            args.name,
+            existing.id,
+            existing.id
+        );
+    }
+    let work = tempfile::tempdir().context("create a temporary directory")?;
+
+    // The rootfs, and how the server reaches it.
+    let artifacts = ArtifactServer::start(([127, 0, 0, 1], 0).into(), None).await?;
+    let mut tags = vec![format!("build_method={}", args.method.name())];
+    let mut host_services = vec![artifacts.addr()];
+    match resolve_rootfs(rootfs, args, work.path()).await? {
+        RootfsInput::Url(url) => {
+            let guest = provider.guest_url(&url)?;
+            if let Ok(parsed) = url::Url::parse(&url) {
+                if let Ok(addrs) = parsed.socket_addrs(|| None) {
+                    host_services.extend(addrs.into_iter().filter(|a| a.is_ipv4()).take(1));
+                }
+            }
+            tags.push(format!("rootfs_url={guest}"));
+        }
+        RootfsInput::File(path) => {
+            let served = artifacts.add_file(&path).await?;
+            tags.push(format!("rootfs_url={}", provider.guest_url(&served.url)?));
+            tags.push(format!("rootfs_sha256={}", served.sha256));
+        }
+    }
+    tags.push(format!("signal_build_done_port={DONE_PORT}"));
+    for param in &args.params {
+        if !param.contains('=') {
+            bail!("--param {param:?}: expected KEY=VALUE");
+        }
+        tags.push(param.clone());
+    }
+
+    // The image-creation bootscript.
+    let bootscript_dir = match &args.bootscript_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            let dir = work.path().join("bootscript");
+            let script = crate::bootscript::load("image-creation-x86_64")?;
+            let agent = crate::bootscript::find_agent()?;
+            info!("building the image-creation bootscript");
+            tokio::task::spawn_blocking({
+                let dir = dir.clone();
+                move || {
+                    crate::bootscript::build(
+                        &script,
+                        crate::bootscript::KernelChoice::FromBootscript,
+                        &agent,
+                        &dir,
+                    )
+                }
+            })
+            .await??;
+            dir
+        }
+    };
+    let bootscript_dir = std::fs::canonicalize(&bootscript_dir)
+        .with_context(|| format!("bootscript directory {}", bootscript_dir.display()))?;
+
+    let spec = ServerSpec {
+        name: format!("imgforge-build-{}", args.name),
+        boot: Some(Boot::Bootscript(
+            bootscript_dir.to_string_lossy().into_owned(),
+        )),
+        volumes: vec![VolumeSpec::Blank { size: args.size }],
+        tags,
+        exposed_ports: vec![DONE_PORT],
+        host_services,
+        memory_mib: Some(args.memory),
+    };
+    let server = provider.create_server(&spec).await?;
+    created.add(&server.id);
+    info!("created build server {} ({})", server.name, server.id);
+    let server = provider.start_server(&server.id).await?;
+    let done_addr = *server
+        .endpoints
+        .get(&DONE_PORT)
+        .context("the provider gave no address for the done-signal port")?;
+
+    let done = wait_for_done(provider.as_ref(), &server.id, done_addr, args).await?;
+    if !done.is_success() {
+        let tail = provider
+            .console_tail(&server.id, 20)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        bail!(
+            "the build failed{}: {}\nconsole tail:\n{tail}",
+            done.stage
+                .as_deref()
+                .map(|s| format!(" in stage {s}"))
+                .unwrap_or_default(),
+            done.message
+        );
+    }
+    info!(
+        "agent: {} ({} bytes in {:.1} s)",
+        done.message,
+        done.bytes.unwrap_or(0),
+        done.duration_s.unwrap_or(0.0)
+    );
+    artifacts.shutdown().await;
+
+    provider.stop_server(&server.id).await?;
+    let volume = server
+        .volumes
+        .first()
+        .context("the build server has no volume")?;
+    info!("snapshotting the volume");
+    let snapshot = provider.create_snapshot(volume, &args.name).await?;
+    let image = provider
+        .create_image(&args.name, &snapshot.id, &args.arch)
+        .await?;
+    provider.delete_server(&server.id, true).await?;
+    created.remove(&server.id);
+    Ok(BuildReport {
+        image_id: image.id,
+        name: image.name,
+        snapshot_id: snapshot.id,
+        provider: provider.name().into(),
+        method: args.method.name().into(),
+        seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        done,
+    })
+}
+
+enum RootfsInput {
+    Url(String),
+    File(PathBuf),
+}
+
+/// A URL stays a URL; a `SCHEME:` source is built into `work`; anything
+/// else must be a local file.
+async fn resolve_rootfs(rootfs: &str, args: &BuildArgs, work: &Path) -> Result<RootfsInput> {
+    if rootfs.starts_with("http://") || rootfs.starts_with("https://") {
+        return Ok(RootfsInput::Url(rootfs.to_owned()));
+    }
+    let path = Path::new(rootfs);
+    if path.is_file() {
+        return Ok(RootfsInput::File(path.to_path_buf()));
+    }
+    if !rootfs.contains(':') {
+        bail!(
+            "--rootfs {rootfs}: no such file; give a tarball, an http(s) URL or a source ({})",
+            crate::rootfs::SCHEMES
+        );
+    }
+    let source: crate::rootfs::Source = rootfs.parse()?;
+    let output = work.join("rootfs.tar.zst");
+    let opts = crate::rootfs::Options {
+        arch: Some(args.arch.clone()),
+        debian: crate::rootfs::DebianOptions {
+            include: args.include.clone(),
+            mirror: None,
+            hostname: args.hostname.clone(),
+        },
+        ..Default::default()
+    };
+    info!("building the rootfs from {source}");
+    let report = tokio::task::spawn_blocking({
+        let output = output.clone();
+        move || crate::rootfs::build(&source, &output, &opts)
+    })
+    .await?
+    .with_context(|| format!("cannot build the rootfs from {rootfs}"))?;
+    info!(
+        "rootfs: {} entries, {} MiB",
+        report.entries,
+        report.size >> 20
+    );
+    Ok(RootfsInput::File(output))
+}
+
+/// Follows the server until the agent's done line arrives: progress from
+/// `state_detail`, an early end when the server stops or the agent reports
+/// a failure, the boot and build timeouts.
+async fn wait_for_done(
+    provider: &dyn Provider,
+    server: &str,
+    done_addr: std::net::SocketAddr,
+    args: &BuildArgs,
+) -> Result<DoneLine> {
+    let started = Instant::now();
+    let progress = Progress::new();
+    let mut last_detail = String::new();
+    let mut failed_since: Option<Instant> = None;
+    loop {
+        let s = provider.get_server(server).await?;
+        if s.state_detail != last_detail {
+            last_detail = s.state_detail.clone();
+            progress.show(started.elapsed(), &last_detail);
+        }
+        if s.state == ServerState::Stopped {
+            let tail = provider.console_tail(server, 20).await.ok().flatten();
+            bail!(
+                "the build server stopped before the build ended (last state: {:?})\nconsole tail:\n{}",
+                last_detail,
+                tail.unwrap_or_default()
+            );
+        }
+        match done_signal::probe(done_addr, Duration::from_secs(1)).await {
+            Ok(line) => {
+                progress.finish();
+                return Ok(line);
+            }
+            Err(e) => tracing::trace!("done signal: {e:#}"),
+        }
+        // `failed:` arrives with the done line; if that line does not
+        // follow (signal_failure=0), the state alone ends the build.
+        if last_detail.starts_with("failed") {
+            let since = *failed_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(15) {
+                progress.finish();
+                bail!("the agent reported {last_detail:?} and sent no done line");
+            }
+        }
+        let elapsed = started.elapsed();
+        if last_detail.is_empty() && elapsed > Duration::from_secs(args.boot_timeout) {
+            let tail = provider.console_tail(server, 20).await.ok().flatten();
+            bail!(
+                "the build server reported nothing within {} s (--boot-timeout)\nconsole tail:\n{}",
+                args.boot_timeout,
+                tail.unwrap_or_default()
+            );
+        }
+        if elapsed > Duration::from_secs(args.timeout) {
+            bail!(
+                "the build did not end within {} s (--timeout); last state: {last_detail:?}",
+                args.timeout
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The agent's stages: a spinner on a terminal, log lines otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")
+                    .expect("valid template"),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar.set_message("booting the build server");
+            bar
+        });
+        Progress { bar }
+    }
+
+    fn show(&self, elapsed: Duration, detail: &str) {
+        match &self.bar {
+            Some(bar) => bar.set_message(detail.to_owned()),
+            None => info!("[{:>6.1}s] server: {detail}", elapsed.as_secs_f64()),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Providers: where build servers run and images are kept.
+//!
+//! The [`Provider`] trait is the cloud's vocabulary (servers with volumes and
+//! tags, snapshots of volumes, images made of snapshots), shaped after
+//! Scaleway's Instance API so that the build pipeline reads the same for the
+//! local QEMU provider ([`local`]) and a real cloud.
+
+pub mod local;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+/// How a server boots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Boot {
+    /// Kernel, initrd and arguments of a bootscript. For the local provider:
+    /// the directory `imgforge initrd -o DIR` wrote.
+    Bootscript(String),
+    /// The firmware boots the first volume (UEFI).
+    Local,
+}
+
+/// A volume to create with a server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeSpec {
+    /// An empty volume of `size` bytes.
+    Blank { size: u64 },
+    /// A copy of a snapshot.
+    FromSnapshot { snapshot: String },
+}
+
+/// What to create a server with.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerSpec {
+    pub name: String,
+    pub boot: Option<Boot>,
+    /// Volume slots 0, 1, ...: the guest sees them in this order.
+    pub volumes: Vec<VolumeSpec>,
+    pub tags: Vec<String>,
+    /// Guest TCP ports the host must reach (the done signal's port).
+    pub exposed_ports: Vec<u16>,
+    /// Host addresses the guest must reach (the artifact server). A provider
+    /// that cannot arrange it says so when the server is created.
+    pub host_services: Vec<SocketAddr>,
+    /// Guest memory in MiB (local) or the commercial type's (cloud).
+    pub memory_mib: Option<u32>,
+}
+
+/// Scaleway's server states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerState {
+    Stopped,
+    Starting,
+    Running,
+    Stopping,
+}
+
+impl std::fmt::Display for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ServerState::Stopped => "stopped",
+            ServerState::Starting => "starting",
+            ServerState::Running => "running",
+            ServerState::Stopping => "stopping",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Server {
+    pub id: String,
+    pub name: String,
+    pub state: ServerState,
+    /// What the guest last reported (`PATCH /state` on the metadata server).
+    pub state_detail: String,
+    pub tags: Vec<String>,
+    pub boot: Boot,
+    /// Volume ids, slot 0 first.
+    pub volumes: Vec<String>,
+    /// Where the host reaches each exposed guest port while running.
+    pub endpoints: BTreeMap<u16, SocketAddr>,
+    pub arch: String,
+    pub created_at: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub id: String,
+    pub name: String,
+    pub size: u64,
+    /// The server it is attached to.
+    pub server: Option<String>,
+    pub created_at: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub id: String,
+    pub name: String,
+    pub size: u64,
+    pub base_volume: String,
+    pub created_at: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    pub id: String,
+    pub name: String,
+    pub arch: String,
+    /// The snapshot holding the image's root volume.
+    pub root_volume: String,
+    pub created_at: String,
+}
+
+/// Servers, volumes, snapshots and images of one provider.
+///
+/// Every call is one request to the provider; nothing waits for a guest.
+/// `stop_server` returns once the server is stopped.
+#[async_trait::async_trait]
+pub trait Provider: Send + Sync {
+    /// `local` or `scaleway`.
+    fn name(&self) -> &'static str;
+
+    async fn create_server(&self, spec: &ServerSpec) -> Result<Server>;
+    async fn get_server(&self, id: &str) -> Result<Server>;
+    async fn list_servers(&self) -> Result<Vec<Server>>;
+    async fn start_server(&self, id: &str) -> Result<Server>;
+    async fn stop_server(&self, id: &str) -> Result<Server>;
+    /// Deletes a stopped server, and its volumes when `with_volumes`.
+    async fn delete_server(&self, id: &str, with_volumes: bool) -> Result<()>;
+    async fn set_server_tags(&self, id: &str, tags: &[String]) -> Result<Server>;
+    /// The last lines of the server's serial console, when the provider
+    /// keeps it.
+    async fn console_tail(&self, id: &str, lines: usize) -> Result<Option<String>>;
+
+    async fn get_volume(&self, id: &str) -> Result<Volume>;
+    async fn list_volumes(&self) -> Result<Vec<Volume>>;
+    async fn delete_volume(&self, id: &str) -> Result<()>;
+
+    async fn create_snapshot(&self, volume: &str, name: &str) -> Result<Snapshot>;
+    async fn get_snapshot(&self, id: &str) -> Result<Snapshot>;
+    async fn list_snapshots(&self) -> Result<Vec<Snapshot>>;
+    async fn delete_snapshot(&self, id: &str) -> Result<()>;
+
+    async fn create_image(&self, name: &str, snapshot: &str, arch: &str) -> Result<Image>;
+    async fn get_image(&self, id: &str) -> Result<Image>;
+    async fn list_images(&self) -> Result<Vec<Image>>;
+    async fn delete_image(&self, id: &str) -> Result<()>;
+
+    /// The URL a server uses for `url`, a URL on this machine (the artifact
+    /// server); its address must be among the spec's `host_services`.
+    fn guest_url(&self, url: &str) -> Result<String>;
+}
+
+/// Picks the one item whose id is `key`, else the one named `key`.
+pub fn find_by_id_or_name<'a, T>(
+    items: &'a [T],
+    key: &str,
+    kind: &str,
+    id: impl Fn(&T) -> &str,
+    name: impl Fn(&T) -> &str,
+) -> Result<&'a T> {
+    if let Some(item) = items.iter().find(|i| id(i) == key) {
+        return Ok(item);
+    }
+    let named: Vec<&T> = items.iter().filter(|i| name(i) == key).collect();
+    match named.as_slice() {
+        [one] => Ok(one),
+        [] => bail!("no {kind} with id or name {key:?} (see `imgforge {kind} list`)"),
+        many => bail!(
+            "{} {kind}s are named {key:?}: use an id ({})",
+            many.len(),
+            many.iter().map(|i| id(i)).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// The image `key` (an id or a unique name).
+pub async fn find_image(provider: &dyn Provider, key: &str) -> Result<Image> {
+    let images = provider.list_images().await?;
+    find_by_id_or_name(&images, key, "image", |i| &i.id, |i| &i.name).cloned()
+}
+
+/// The server `key` (an id or a unique name).
+pub async fn find_server(provider: &dyn Provider, key: &str) -> Result<Server> {
+    let servers = provider.list_servers().await?;
+    find_by_id_or_name(&servers, key, "server", |s| &s.id, |s| &s.name).cloned()
+}
+
+/// The snapshot `key` (an id or a unique name).
+pub async fn find_snapshot(provider: &dyn Provider, key: &str) -> Result<Snapshot> {
+    let snapshots = provider.list_snapshots().await?;
+    find_by_id_or_name(&snapshots, key, "snapshot", |s| &s.id, |s| &s.name).cloned()
+}
+
+/// The current time as RFC 3339 (UTC), for `created_at`.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_win_over_names_and_ambiguous_names_are_refused() {
+        let items = vec![("a", "x"), ("b", "x"), ("c", "a")];
+        let get = |key| find_by_id_or_name(&items, key, "image", |i| i.0, |i| i.1);
+        assert_eq!(get("a").unwrap().0, "a");
+        let err = get("x").unwrap_err().to_string();
+        assert!(err.contains("2 images are named \"x\""), "{err}");
+        assert!(get("zzz").unwrap_err().to_string().contains("image list"));
+    }
+}

@@ -1,0 +1,439 @@
+//! `imgforge server|snapshot|image ...`: one subcommand per provider call,
+//! for scripts and for looking at what a build left (or did not leave).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use crate::accel::AccelChoice;
+use crate::provider::local::{ExportFormat, LocalProvider};
+use crate::provider::{
+    find_image, find_server, find_snapshot, Boot, Provider, ServerSpec, VolumeSpec,
+};
+
+/// Which provider, and how it runs servers.
+#[derive(Args, Debug, Clone)]
+pub struct ProviderArgs {
+    /// Where servers run and images are kept.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "IMGFORGE_PROVIDER",
+        default_value = "local"
+    )]
+    pub provider: ProviderName,
+    /// QEMU accelerator of the local provider; `auto` uses KVM only when a
+    /// probe guest actually runs under it.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "IMGFORGE_ACCEL",
+        default_value = "auto"
+    )]
+    pub accel: AccelChoice,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderName {
+    Local,
+    Scaleway,
+}
+
+impl ProviderArgs {
+    /// Opens the chosen provider.
+    pub fn open(&self) -> Result<Box<dyn Provider>> {
+        match self.provider {
+            ProviderName::Local => Ok(Box::new(self.open_local()?)),
+            ProviderName::Scaleway => {
+                bail!("the scaleway provider is not part of this release yet; use --provider local")
+            }
+        }
+    }
+
+    /// Opens the local provider (commands that only exist locally).
+    pub fn open_local(&self) -> Result<LocalProvider> {
+        let home = crate::provider::local::store::Store::default_home()?;
+        LocalProvider::open(&home, crate::accel::resolve(self.accel)?)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ServerCommand {
+    /// Create a (stopped) server with its volumes.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Boot a bootscript's kernel and initrd (a directory written by
+        /// `imgforge initrd -o DIR`); without it the firmware boots volume 0.
+        #[arg(long)]
+        bootscript: Option<String>,
+        /// A blank volume of this size (4G, 512M...); repeat for more.
+        #[arg(long = "volume", value_parser = parse_size)]
+        volumes: Vec<u64>,
+        /// Volume 0 as a copy of this image's snapshot.
+        #[arg(long, conflicts_with = "bootscript")]
+        image: Option<String>,
+        /// A server tag (KEY=value); repeat for more.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// A guest TCP port to reach from this machine; repeat for more.
+        #[arg(long = "expose")]
+        exposed_ports: Vec<u16>,
+        /// Guest memory in MiB.
+        #[arg(long)]
+        memory: Option<u32>,
+    },
+    List,
+    Get {
+        server: String,
+    },
+    Start {
+        server: String,
+    },
+    Stop {
+        server: String,
+    },
+    /// Replace the server's tags.
+    SetTags {
+        server: String,
+        tags: Vec<String>,
+    },
+    /// Print the end of the serial console.
+    Console {
+        server: String,
+        #[arg(long, default_value_t = 40)]
+        lines: usize,
+    },
+    /// Delete a server and its volumes.
+    Rm {
+        server: String,
+        /// Stop it first if it is running.
+        #[arg(long)]
+        force: bool,
+        /// Keep the volumes.
+        #[arg(long)]
+        keep_volumes: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Snapshot a volume (of a stopped server).
+    Create {
+        /// The volume id, or a server (id or name) for its volume 0.
+        volume: String,
+        #[arg(long)]
+        name: String,
+    },
+    List,
+    Get {
+        snapshot: String,
+    },
+    Rm {
+        snapshot: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Make an image of a snapshot.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        snapshot: String,
+        #[arg(long, default_value = "x86_64")]
+        arch: String,
+    },
+    List,
+    Get {
+        image: String,
+    },
+    Rm {
+        image: String,
+        /// Also delete the snapshot it is made of.
+        #[arg(long)]
+        with_snapshot: bool,
+    },
+    /// Write the image's disk to a file (local provider).
+    Export {
+        image: String,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value = "raw")]
+        format: ExportFormat,
+    },
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
+fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        let text = text(value);
+        if !text.is_empty() {
+            println!("{}", text.trim_end());
+        }
+    }
+    Ok(())
+}
+
+fn server_line(s: &crate::provider::Server) -> String {
+    format!("{}  {:<20} {:<9} {}", s.id, s.name, s.state, s.state_detail)
+}
+
+pub fn run_server(command: ServerCommand, provider: &ProviderArgs, json: bool) -> Result<()> {
+    let rt = runtime()?;
+    let p = provider.open()?;
+    rt.block_on(async {
+        match command {
+            ServerCommand::Create {
+                name,
+                bootscript,
+                volumes,
+                image,
+                tags,
+                exposed_ports,
+                memory,
+            } => {
+                let mut volume_specs = Vec::new();
+                if let Some(image) = image {
+                    let image = find_image(p.as_ref(), &image).await?;
+                    volume_specs.push(VolumeSpec::FromSnapshot {
+                        snapshot: image.root_volume,
+                    });
+                }
+                volume_specs.extend(volumes.into_iter().map(|size| VolumeSpec::Blank { size }));
+                let spec = ServerSpec {
+                    name,
+                    boot: Some(match bootscript {
+                        Some(dir) => Boot::Bootscript(absolute(&dir)?),
+                        None => Boot::Local,
+                    }),
+                    volumes: volume_specs,
+                    tags,
+                    exposed_ports,
+                    host_services: vec![],
+                    memory_mib: memory,
+                };
+                let server = p.create_server(&spec).await?;
+                print(json, &server, server_line)
+            }
+            ServerCommand::List => {
+                let servers = p.list_servers().await?;
+                print(json, &servers, |v| {
+                    v.iter().map(server_line).collect::<Vec<_>>().join("\n")
+                })
+            }
+            ServerCommand::Get { server } => {
+                let server = find_server(p.as_ref(), &server).await?;
+                print(json, &server, |s| {
+                    let mut out = server_line(s);
+                    out.push_str(&format!("\n  tags: {}", s.tags.join(" ")));
+                    out.push_str(&format!("\n  volumes: {}", s.volumes.join(" ")));
+                    for (guest, host) in &s.endpoints {
+                        out.push_str(&format!("\n  port {guest} -> {host}"));
+                    }
+                    out
+                })
+            }
+            ServerCommand::Start { server } => {
+                let server = find_server(p.as_ref(), &server).await?;
+                let server = p.start_server(&server.id).await?;
+                print(json, &server, server_line)
+            }
+            ServerCommand::Stop { server } => {
+                let server = find_server(p.as_ref(), &server).await?;
+                let server = p.stop_server(&server.id).await?;
+                print(json, &server, server_line)
+            }
+            ServerCommand::SetTags { server, tags } => {
+                let server = find_server(p.as_ref(), &server).await?;
+                let server = p.set_server_tags(&server.id, &tags).await?;
+                print(json, &server, server_line)
+            }
+            ServerCommand::Console { server, lines } => {
+                let server = find_server(p.as_ref(), &server).await?;
+                let tail = p.console_tail(&server.id, lines).await?;
+                let tail = tail.context("this server has no console log")?;
+                print(json, &serde_json::json!({ "console": tail }), |_| {
+                    tail.clone()
+                })
+            }
+            ServerCommand::Rm {
+                server,
+                force,
+                keep_volumes,
+            } => {
+                let server = find_server(p.as_ref(), &server).await?;
+                if force {
+                    p.stop_server(&server.id).await?;
+                }
+                p.delete_server(&server.id, !keep_volumes).await?;
+                print(json, &serde_json::json!({ "deleted": server.id }), |_| {
+                    format!("deleted server {} ({})", server.name, server.id)
+                })
+            }
+        }
+    })
+}
+
+pub fn run_snapshot(command: SnapshotCommand, provider: &ProviderArgs, json: bool) -> Result<()> {
+    let rt = runtime()?;
+    let p = provider.open()?;
+    let line =
+        |s: &crate::provider::Snapshot| format!("{}  {:<20} {:>12} bytes", s.id, s.name, s.size);
+    rt.block_on(async {
+        match command {
+            SnapshotCommand::Create { volume, name } => {
+                let volume_id = match p.get_volume(&volume).await {
+                    Ok(v) => v.id,
+                    Err(_) => {
+                        let server = find_server(p.as_ref(), &volume).await?;
+                        server
+                            .volumes
+                            .first()
+                            .cloned()
+                            .context("the server has no volume")?
+                    }
+                };
+                let snapshot = p.create_snapshot(&volume_id, &name).await?;
+                print(json, &snapshot, line)
+            }
+            SnapshotCommand::List => {
+                let all = p.list_snapshots().await?;
+                print(json, &all, |v| {
+                    v.iter().map(line).collect::<Vec<_>>().join("\n")
+                })
+            }
+            SnapshotCommand::Get { snapshot } => {
+                let snapshot = find_snapshot(p.as_ref(), &snapshot).await?;
+                print(json, &snapshot, line)
+            }
+            SnapshotCommand::Rm { snapshot } => {
+                let snapshot = find_snapshot(p.as_ref(), &snapshot).await?;
+                p.delete_snapshot(&snapshot.id).await?;
+                print(json, &serde_json::json!({ "deleted": snapshot.id }), |_| {
+                    format!("deleted snapshot {} ({})", snapshot.name, snapshot.id)
+                })
+            }
+        }
+    })
+}
+
+pub fn run_image(command: ImageCommand, provider: &ProviderArgs, json: bool) -> Result<()> {
+    let rt = runtime()?;
+    let line = |i: &crate::provider::Image| {
+        format!("{}  {:<20} {:<7} {}", i.id, i.name, i.arch, i.created_at)
+    };
+    if let ImageCommand::Export {
+        image,
+        output,
+        format,
+    } = command
+    {
+        let local = provider.open_local()?;
+        return rt.block_on(async {
+            let image = find_image(&local, &image).await?;
+            local.export_image(&image.id, &output, format).await?;
+            print(
+                json,
+                &serde_json::json!({ "image": image.id, "output": output, "format": format!("{format:?}").to_lowercase() }),
+                |_| format!("{} -> {}", image.name, output.display()),
+            )
+        });
+    }
+    let p = provider.open()?;
+    rt.block_on(async {
+        match command {
+            ImageCommand::Create {
+                name,
+                snapshot,
+                arch,
+            } => {
+                let snapshot = find_snapshot(p.as_ref(), &snapshot).await?;
+                let image = p.create_image(&name, &snapshot.id, &arch).await?;
+                print(json, &image, line)
+            }
+            ImageCommand::List => {
+                let all = p.list_images().await?;
+                print(json, &all, |v| {
+                    v.iter().map(line).collect::<Vec<_>>().join("\n")
+                })
+            }
+            ImageCommand::Get { image } => {
+                let image = find_image(p.as_ref(), &image).await?;
+                print(json, &image, line)
+            }
+            ImageCommand::Rm {
+                image,
+                with_snapshot,
+            } => {
+                let image = find_image(p.as_ref(), &image).await?;
+                p.delete_image(&image.id).await?;
+                if with_snapshot {
+                    p.delete_snapshot(&image.root_volume).await?;
+                }
+                print(json, &serde_json::json!({ "deleted": image.id }), |_| {
+                    format!("deleted image {} ({})", image.name, image.id)
+                })
+            }
+            ImageCommand::Export { .. } => unreachable!("handled above"),
+        }
+    })
+}
+
+/// `4G`, `512M`, `100K` or bytes (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, multiplier) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("{s:?}: unknown size suffix (use K, M, G or T)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 4G, 512M)"))?;
+    n.checked_mul(multiplier)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn absolute(path: &str) -> Result<String> {
+    let p = std::fs::canonicalize(path).with_context(|| format!("bootscript directory {path}"))?;
+    Ok(p.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("4X").unwrap_err().contains("suffix"));
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T")
+            .unwrap_err()
+            .contains("too large"));
+    }
+}
