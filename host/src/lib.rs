@@ -4,6 +4,7 @@ pub mod boot;
 pub mod bootscript;
 pub mod done_signal;
 pub mod guestfwd;
+pub mod inspect;
 pub mod interrupt;
 pub mod kernel;
 pub mod metadata_server;

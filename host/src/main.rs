@@ -53,6 +53,9 @@ enum Command {
     Boot(host::boot::BootArgs),
     /// Serve files over HTTP under unguessable URLs (for build servers).
     Serve(host::serve::ServeArgs),
+    /// Print a disk image's partition table, ESP files and root filesystem
+    /// facts (reads the file; no mounting, no root).
+    Inspect(host::inspect::InspectArgs),
     /// Relay stdin/stdout to a TCP address (QEMU's guestfwd runs this per
     /// guest connection).
     #[command(hide = true)]
@@ -125,6 +128,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Dockerfile(args) => host::rootfs::run_dockerfile(args, cli.json),
         Command::Boot(args) => host::boot::run_boot(args, cli.json),
         Command::Serve(args) => host::serve::run_serve(args, cli.json),
+        Command::Inspect(args) => host::inspect::run_inspect(args, cli.json),
         Command::GuestfwdBridge { .. } => unreachable!("handled before logging starts"),
     }
 }
