@@ -80,6 +80,9 @@ enum Command {
     /// guest connection to a local server's metadata address).
     #[command(hide = true)]
     LocalMetadata(host::provider::local::metadata::LocalMetadataArgs),
+    /// Print a disk image's partition table, ESP files and root filesystem
+    /// facts (reads the file; no mounting, no root).
+    Inspect(host::inspect::InspectArgs),
     /// Relay stdin/stdout to a TCP address (QEMU's guestfwd runs this per
     /// guest connection).
     #[command(hide = true)]
@@ -170,6 +173,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Image { provider, command } => {
             host::resources::run_image(command, &provider, cli.json)
         }
+        Command::Inspect(args) => host::inspect::run_inspect(args, cli.json),
         Command::GuestfwdBridge { .. } | Command::LocalMetadata(_) => {
             unreachable!("handled before logging starts")
         }
