@@ -1,5 +1,6 @@
 //! Host library.
 
+pub mod accel;
 pub mod boot;
 pub mod bootscript;
 pub mod done_signal;

@@ -61,7 +61,12 @@ pub struct BootscriptVm {
 
 /// The machine every VM here gets: q35, no default devices, no display,
 /// exit instead of rebooting, the serial console written to `serial_log`.
-fn machine_command(memory_mib: u32, cpus: u32, accel: Accel, serial_log: &Path) -> Command {
+pub(crate) fn machine_command(
+    memory_mib: u32,
+    cpus: u32,
+    accel: Accel,
+    serial_log: &Path,
+) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-M", "q35", "-nodefaults", "-no-reboot", "-display", "none"]);
     cmd.args(["-m", &memory_mib.to_string(), "-smp", &cpus.to_string()]);
@@ -80,7 +85,7 @@ fn machine_command(memory_mib: u32, cpus: u32, accel: Accel, serial_log: &Path) 
 }
 
 /// Starts `cmd` with QEMU's own messages in `<serial_log>.qemu`.
-fn spawn_logged(mut cmd: Command, serial_log: &Path) -> Result<Vm> {
+pub(crate) fn spawn_logged(mut cmd: Command, serial_log: &Path) -> Result<Vm> {
     let stderr_path = serial_log.with_extension("qemu");
     let stderr =
         File::create(&stderr_path).with_context(|| format!("create {}", stderr_path.display()))?;
@@ -162,7 +167,7 @@ impl BootscriptVm {
 }
 
 /// QEMU's option syntax doubles commas inside a value.
-fn qemu_escape(value: &str) -> String {
+pub(crate) fn qemu_escape(value: &str) -> String {
     value.replace(',', ",,")
 }
 
