@@ -170,7 +170,7 @@ pub(crate) fn machine_command(
 }
 
 /// Starts `cmd` with QEMU's own messages in `<serial_log>.qemu`.
-fn spawn_logged(mut cmd: Command, serial_log: &Path) -> Result<Vm> {
+pub(crate) fn spawn_logged(mut cmd: Command, serial_log: &Path) -> Result<Vm> {
     let stderr_path = serial_log.with_extension("qemu");
     let stderr =
         File::create(&stderr_path).with_context(|| format!("create {}", stderr_path.display()))?;
@@ -210,7 +210,7 @@ fn disk_format(disk: &Path) -> &'static str {
 }
 
 /// QEMU's option syntax doubles commas inside a value.
-fn qemu_escape(value: &str) -> String {
+pub(crate) fn qemu_escape(value: &str) -> String {
     value.replace(',', ",,")
 }
 
