@@ -3,27 +3,30 @@
 //! fresh image. The disk is opened with `snapshot=on`: booting never
 //! modifies the image.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::accel::AccelChoice;
 use crate::qemu::{Accel, UefiVm};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BootArgs {
-    /// A disk image file (raw or qcow2).
-    pub target: PathBuf,
+    /// A disk image file (raw or qcow2), or a local provider image (id or
+    /// name).
+    pub target: String,
     /// Wait for a console line matching this regular expression.
     #[arg(long, default_value = "login:")]
     pub expect: String,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
-    /// QEMU accelerator; KVM guests hang on nested-virtualisation hosts.
-    #[arg(long, value_enum, default_value = "tcg")]
-    pub accel: AccelArg,
+    /// QEMU accelerator; `auto` uses KVM only when a probe guest runs
+    /// properly under it.
+    #[arg(long, value_enum, env = "IMGFORGE_ACCEL", default_value = "auto")]
+    pub accel: AccelChoice,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 1024)]
     pub memory: u32,
@@ -32,23 +35,12 @@ pub struct BootArgs {
     pub console_log: Option<PathBuf>,
 }
 
-#[derive(clap::ValueEnum, Debug, Clone, Copy)]
-pub enum AccelArg {
-    Tcg,
-    Kvm,
-}
-
 /// The QEMU process to kill if imgforge is interrupted.
 static RUNNING_QEMU: AtomicU32 = AtomicU32::new(0);
 
 pub fn run_boot(args: BootArgs, json: bool) -> Result<()> {
-    if !args.target.is_file() {
-        bail!(
-            "{} is not a disk image file (image names are resolved by the local provider, \
-             which is not part of this release yet; export the image to a file)",
-            args.target.display()
-        );
-    }
+    let accel = crate::accel::resolve(args.accel)?;
+    let disk = resolve_target(&args.target, accel)?;
     let pattern =
         regex::Regex::new(&args.expect).with_context(|| format!("--expect '{}'", args.expect))?;
     let dir = tempfile::tempdir().context("create a temporary directory")?;
@@ -57,13 +49,10 @@ pub fn run_boot(args: BootArgs, json: bool) -> Result<()> {
         .clone()
         .unwrap_or_else(|| dir.path().join("console.log"));
     let vm = UefiVm {
-        disk: args.target.clone(),
+        disk: disk.clone(),
         memory_mib: args.memory,
         cpus: 2,
-        accel: match args.accel {
-            AccelArg::Tcg => Accel::Tcg,
-            AccelArg::Kvm => Accel::Kvm,
-        },
+        accel,
         vars: dir.path().join("OVMF_VARS.fd"),
         serial_log,
         snapshot: true,
@@ -86,7 +75,7 @@ pub fn run_boot(args: BootArgs, json: bool) -> Result<()> {
     RUNNING_QEMU.store(running.pid(), Ordering::SeqCst);
     tracing::info!(
         "booting {} under OVMF; waiting for /{}/",
-        args.target.display(),
+        disk.display(),
         args.expect
     );
     let result = running.wait_for_console(&pattern, Duration::from_secs(args.timeout));
@@ -102,9 +91,30 @@ pub fn run_boot(args: BootArgs, json: bool) -> Result<()> {
     } else {
         println!(
             "{} booted: {:?} after {seconds:.1} s",
-            args.target.display(),
+            args.target,
             line.trim_end()
         );
     }
     Ok(())
+}
+
+/// A file is booted as is; anything else names a local provider image,
+/// whose snapshot file is booted (read-only, like any disk here).
+fn resolve_target(target: &str, accel: Accel) -> Result<PathBuf> {
+    let path = Path::new(target);
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if path.exists() {
+        bail!("{target} is not a disk image file");
+    }
+    let home = crate::provider::local::store::Store::default_home()?;
+    let local = crate::provider::local::LocalProvider::open(&home, accel)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let image = rt
+        .block_on(crate::provider::find_image(&local, target))
+        .with_context(|| format!("{target} is not a disk image file nor a local image"))?;
+    local.snapshot_file(&image.root_volume)
 }

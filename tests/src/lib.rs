@@ -310,6 +310,7 @@ pub fn judge(program: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
 /// read-only) and returns the console line that matched `pattern`.
 pub fn boot_uefi(disk: &Path, pattern: &str, timeout: Duration) -> Result<String> {
     let out = std::process::Command::new(imgforge_bin())
+        .env("IMGFORGE_ACCEL", "tcg")
         .args(["--json", "boot"])
         .arg(disk)
         .args([
@@ -332,34 +333,32 @@ pub fn boot_uefi(disk: &Path, pattern: &str, timeout: Duration) -> Result<String
 }
 
 /// A Debian bookworm server rootfs (kernel, GRUB EFI, systemd, a serial
-/// console in GRUB's kernel command line) made with mmdebstrap, as a plain
+/// console in GRUB's kernel command line) made by `imgforge rootfs debian:`, as a plain
 /// tar. Cached in the target directory: the first build takes a minute and
 /// downloads about 130 MB from Debian's archive.
 pub fn debian_bookworm_tar() -> PathBuf {
     static BUILD: Mutex<()> = Mutex::new(());
     let _guard = BUILD.lock().unwrap();
-    let includes = "linux-image-cloud-amd64,grub-efi-amd64,systemd-sysv,udev,e2fsprogs";
-    let key = &initrd::sha256_hex(includes.as_bytes())[..12];
-    let out = target_dir().join(format!("e2e/debian-bookworm-{key}.tar"));
+    let out = target_dir().join("e2e/debian-bookworm-imgforge.tar");
     if out.is_file() {
         return out;
     }
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-    // mmdebstrap picks the output format from the extension: keep `.tar`.
-    let partial = out.with_extension("partial.tar");
-    let status = std::process::Command::new("mmdebstrap")
-        .args(["--mode=root", "--variant=minbase", "--quiet"])
-        .arg(format!("--include={includes}"))
-        // A console on ttyS0 (the tests read the serial port) and a short
-        // menu timeout.
-        .arg("--customize-hook=mkdir -p \"$1/etc/default/grub.d\" && printf 'GRUB_CMDLINE_LINUX=\"console=tty0 console=ttyS0,115200\"\\nGRUB_TIMEOUT=1\\nGRUB_TERMINAL=\"console serial\"\\n' > \"$1/etc/default/grub.d/50-imgforge-serial.cfg\"")
-        .arg("--customize-hook=echo imgforge-debian > \"$1/etc/hostname\"")
-        .arg("bookworm")
-        .arg(&partial)
-        .status()
-        .expect("run mmdebstrap (apt-get install mmdebstrap)");
-    assert!(status.success(), "mmdebstrap failed: {status}");
-    std::fs::rename(&partial, &out).unwrap();
+    // The same rootfs as `imgforge rootfs debian:bookworm --hostname
+    // imgforge-debian` (kernel, GRUB, systemd, serial console).
+    let opts = host::rootfs::Options {
+        debian: host::rootfs::DebianOptions {
+            hostname: "imgforge-debian".into(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    host::rootfs::build(
+        &host::rootfs::Source::Debian("bookworm".into()),
+        &out,
+        &opts,
+    )
+    .expect("build the Debian bookworm rootfs");
     out
 }
 

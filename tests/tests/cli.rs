@@ -178,6 +178,7 @@ fn boot_refuses_a_missing_file_and_times_out_on_a_blank_disk() {
         .unwrap();
     let started = std::time::Instant::now();
     let out = Command::new(imgforge_bin())
+        .env("IMGFORGE_ACCEL", "tcg")
         .arg("boot")
         .arg(&disk)
         .args(["--expect", "login:", "--timeout", "12"])
@@ -206,6 +207,7 @@ fn an_interrupted_boot_leaves_no_qemu_behind() {
         .set_len(64 << 20)
         .unwrap();
     let mut child = Command::new(imgforge_bin())
+        .env("IMGFORGE_ACCEL", "tcg")
         .arg("boot")
         .arg(&disk)
         .args(["--timeout", "120"])

@@ -1,39 +1,100 @@
-//! A real Debian bookworm rootfs (mmdebstrap: kernel, grub-efi-amd64,
-//! systemd-sysv) built with from-rootfs, GRUB installed from inside the
-//! rootfs, then booted under OVMF to a login prompt on the serial console.
+//! The issue's end-to-end flow on the local provider: `imgforge build
+//! --rootfs debian:bookworm` (mmdebstrap, then from-rootfs in a QEMU build
+//! server, GRUB installed from inside the rootfs), `imgforge boot IMAGE` to
+//! a login prompt under OVMF, and `imgforge inspect` on the exported raw
+//! disk.
 
 use std::ffi::OsStr;
 use std::time::Duration;
 
-use tests::http_fixture::HttpFixture;
-use tests::{boot_uefi, debian_bookworm_tar, guest_url, judge, BuildServer};
+use tests::{bootscript_dir, judge, LocalHome};
 
-#[tokio::test(flavor = "multi_thread")]
-async fn debian_bookworm_boots_to_a_login_prompt() {
-    let tar = debian_bookworm_tar();
-    let fixture = HttpFixture::start(vec![("/debian.tar".into(), tar.into())]).unwrap();
-    let mut server = BuildServer {
-        tags: Some(vec![
-            "build_method=from-rootfs".into(),
-            format!("rootfs_url={}", guest_url("/debian.tar")),
-        ]),
-        volume_size: 2 << 30,
-        artifacts: Some(fixture.addr()),
-        ..Default::default()
-    }
-    .start()
-    .unwrap();
-    let line = server.wait_done(Duration::from_secs(600)).await.unwrap();
-    assert!(line.is_success(), "{line:?}\n{}", server.console());
-    let console = server.console();
+#[test]
+fn debian_bookworm_builds_boots_to_login_and_inspects() {
+    let home = LocalHome::new();
+    let report = home.json([
+        "build",
+        "--provider",
+        "local",
+        "--rootfs",
+        "debian:bookworm",
+        "--hostname",
+        "imgforge-debian",
+        "--name",
+        "t",
+        "--size",
+        "2G",
+        "--bootscript-dir",
+        bootscript_dir().to_str().unwrap(),
+    ]);
+    assert_eq!(report["done"]["status"], "0", "{report}");
+    home.assert_no_servers_left();
+
+    let boot = home.json([
+        "boot",
+        "t",
+        "--expect",
+        "login:",
+        "--timeout",
+        &Duration::from_secs(300).as_secs().to_string(),
+    ]);
     assert!(
-        console.contains("installed GRUB from the rootfs"),
-        "{console}"
+        boot["matched"]
+            .as_str()
+            .unwrap()
+            .contains("imgforge-debian login:"),
+        "{boot}"
     );
-    server.vm.kill();
-    let disk = server.disk.clone();
-    let out = judge("sgdisk", &[OsStr::new("-v"), disk.as_os_str()]).unwrap();
-    assert!(out.contains("No problems found"), "{out}");
-    let seen = boot_uefi(&disk, r"login:", Duration::from_secs(300)).unwrap();
-    assert!(seen.contains("imgforge-debian login:"), "{seen}");
+
+    let raw = home.path().join("t.raw");
+    home.json([
+        "image".as_ref(),
+        "export".as_ref(),
+        OsStr::new("t"),
+        "-o".as_ref(),
+        raw.as_os_str(),
+        "--format".as_ref(),
+        "raw".as_ref(),
+    ]);
+    let sgdisk = judge("sgdisk", &[OsStr::new("-v"), raw.as_os_str()]).unwrap();
+    assert!(sgdisk.contains("No problems found"), "{sgdisk}");
+
+    let facts = home.json(["inspect".as_ref(), raw.as_os_str()]);
+    assert_eq!(facts["partition_table"], "gpt", "{facts}");
+    let partitions = facts["partitions"].as_array().unwrap();
+    let esp = partitions
+        .iter()
+        .find(|p| p["number"] == 15)
+        .expect("partition 15 (ESP)");
+    assert_eq!(esp["type_name"], "EFI System");
+    let files: Vec<&str> = esp["filesystem"]["fat"]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        files
+            .iter()
+            .any(|f| f.eq_ignore_ascii_case("EFI/BOOT/BOOTX64.EFI")),
+        "{files:?}"
+    );
+    let root = partitions
+        .iter()
+        .find(|p| p["number"] == 1)
+        .expect("partition 1 (root)");
+    let ext4 = &root["filesystem"]["ext4"];
+    assert_eq!(
+        ext4["os_release"]["pretty_name"], "Debian GNU/Linux 12 (bookworm)",
+        "{root}"
+    );
+    assert!(
+        ext4["kernels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k.as_str().unwrap().contains("vmlinuz-")),
+        "{root}"
+    );
+    assert_eq!(ext4["hostname"], "imgforge-debian");
 }
