@@ -139,8 +139,7 @@ pub fn run_build(args: BuildArgs, json: bool) -> Result<()> {
         let created = created.clone();
         crate::interrupt::on_interrupt(move || {
             eprintln!("imgforge: interrupted; removing what the build created");
-            crate::rootfs::remove_partials();
-            crate::provider::local::remove_partials();
+            crate::interrupt::remove_partials();
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -26,3 +26,28 @@ pub fn on_interrupt(cleanup: impl FnOnce() + Send + 'static) {
         std::process::exit(130);
     });
 }
+
+/// Files this process is writing and has not renamed into place yet.
+static PARTIALS: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Records a partial output for [`remove_partials`] (a signal skips the
+/// writer's own cleanup).
+pub fn register_partial(path: &std::path::Path) {
+    if let Ok(mut p) = PARTIALS.lock() {
+        p.push(path.to_path_buf());
+    }
+}
+
+/// Removes every partial output this process started; those already
+/// renamed into place or cleaned up are gone and skipped. Returns how many
+/// were removed.
+pub fn remove_partials() -> usize {
+    let paths = PARTIALS
+        .lock()
+        .map(|mut p| std::mem::take(&mut *p))
+        .unwrap_or_default();
+    paths
+        .iter()
+        .filter(|p| std::fs::remove_file(p).is_ok())
+        .count()
+}

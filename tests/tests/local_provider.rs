@@ -16,16 +16,20 @@ fn bootscript_arg() -> String {
 
 /// `imgforge build` arguments for a small unpartitioned build of `rootfs`.
 fn build_args(rootfs: &str, name: &str) -> Vec<String> {
+    build_args_with("unpartitioned-from-rootfs", "64M", rootfs, name)
+}
+
+fn build_args_with(method: &str, size: &str, rootfs: &str, name: &str) -> Vec<String> {
     [
         "build",
         "--method",
-        "unpartitioned-from-rootfs",
+        method,
         "--rootfs",
         rootfs,
         "--name",
         name,
         "--size",
-        "64M",
+        size,
         "--bootscript-dir",
         &bootscript_arg(),
         "--boot-timeout",
@@ -304,4 +308,60 @@ fn two_builds_run_concurrently_without_interfering() {
         let content = debugfs_cat(&raw, "/sbin/init");
         assert!(content.contains(marker), "image {name}: {content}");
     }
+}
+
+/// A from-rootfs image (busybox and the Debian kernel, GRUB from the
+/// initrd) boots as a local server (OVMF, volume 0 a copy of the image's
+/// snapshot) and with `imgforge boot IMAGE`; its init prints the marker and
+/// powers off, which leaves the server stopped.
+#[test]
+fn an_image_boots_as_a_uefi_server_and_with_imgforge_boot() {
+    let home = LocalHome::new();
+    let path = home.path().join("bootable.tar.gz");
+    std::fs::write(&path, busybox_rootfs_tar_gz("local-boot-marker", true)).unwrap();
+    home.json(build_args_with(
+        "from-rootfs",
+        "256M",
+        path.to_str().unwrap(),
+        "bootable",
+    ));
+
+    let boot = home.json([
+        "boot",
+        "bootable",
+        "--expect",
+        "local-boot-marker",
+        "--timeout",
+        "180",
+    ]);
+    assert!(boot["matched"]
+        .as_str()
+        .unwrap()
+        .contains("local-boot-marker"));
+
+    let server = home.json(["server", "create", "--name", "vm", "--image", "bootable"]);
+    let id = server["id"].as_str().unwrap().to_owned();
+    home.json(["server", "start", &id]);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let s = home.json(["server", "get", &id]);
+        if s["state"] == "stopped" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server never powered off: {s}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let console = home.json(["server", "console", &id, "--lines", "400"]);
+    assert!(
+        console["console"]
+            .as_str()
+            .unwrap()
+            .contains("local-boot-marker"),
+        "{console}"
+    );
+    home.json(["server", "rm", &id]);
+    home.assert_no_servers_left();
 }

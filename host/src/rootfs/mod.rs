@@ -39,7 +39,7 @@ pub use debian::{default_packages, DebianOptions, GRUB_SERIAL_CFG};
 pub use dockerfile::{select as select_dockerfile, Selected};
 pub use engine::{Engine, EngineKind};
 pub use oci::normalise_arch;
-pub use output::{remove_partials, Compression, OutputOptions, Report};
+pub use output::{Compression, OutputOptions, Report};
 
 /// The source schemes, for messages and help.
 pub const SCHEMES: &str =
@@ -263,7 +263,7 @@ pub fn run_rootfs(args: RootfsArgs, json: bool) -> Result<()> {
     // An interrupted build leaves no partial output. Child processes
     // (mmdebstrap, podman) get the terminal's SIGINT themselves.
     crate::interrupt::on_interrupt(|| {
-        let removed = output::remove_partials();
+        let removed = crate::interrupt::remove_partials();
         eprintln!("imgforge: interrupted; removed {removed} partial output file(s)");
     });
     let report = build(&source, &args.output, &opts)

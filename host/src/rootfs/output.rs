@@ -623,27 +623,8 @@ impl Output {
     }
 }
 
-/// Partial outputs of this process, removed by [`remove_partials`] when the
-/// process is interrupted (a signal skips the temp file's own cleanup).
-static PARTIALS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-
 fn register_partial(path: &Path) {
-    if let Ok(mut p) = PARTIALS.lock() {
-        p.push(path.to_path_buf());
-    }
-}
-
-/// Removes every partial output this process started. Paths already
-/// renamed into place or cleaned up are gone and skipped.
-pub fn remove_partials() -> usize {
-    let paths = PARTIALS
-        .lock()
-        .map(|mut p| std::mem::take(&mut *p))
-        .unwrap_or_default();
-    paths
-        .iter()
-        .filter(|p| std::fs::remove_file(p).is_ok())
-        .count()
+    crate::interrupt::register_partial(path);
 }
 
 #[cfg(test)]

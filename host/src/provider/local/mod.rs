@@ -722,31 +722,14 @@ fn qemu_img<const N: usize>(args: [&OsStr; N]) -> Result<()> {
     Ok(())
 }
 
-/// `<path>.partial`, registered for [`remove_partials`]: data files are
-/// written there and renamed once complete.
+/// `<path>.partial`, registered with [`crate::interrupt::register_partial`]:
+/// data files are written there and renamed once complete.
 fn partial_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".partial");
     let partial = path.with_file_name(name);
-    if let Ok(mut all) = PARTIALS.lock() {
-        all.push(partial.clone());
-    }
+    crate::interrupt::register_partial(&partial);
     partial
-}
-
-static PARTIALS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-
-/// Removes the data files this process was still writing (an interrupted
-/// snapshot or export). Returns how many there were.
-pub fn remove_partials() -> usize {
-    let paths = PARTIALS
-        .lock()
-        .map(|mut p| std::mem::take(&mut *p))
-        .unwrap_or_default();
-    paths
-        .iter()
-        .filter(|p| std::fs::remove_file(p).is_ok())
-        .count()
 }
 
 fn remove_if_exists(path: &Path) -> Result<()> {
