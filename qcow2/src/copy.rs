@@ -1,0 +1,323 @@
+//! The data pass: one forward read of the file, guest bytes out to a sink.
+
+use std::io::{self, Read};
+
+use crate::error::{Error, Result};
+use crate::header::Compression;
+use crate::layout::{Extent, Layout};
+
+/// Plain data is read and written in pieces of up to this many bytes (or one
+/// cluster, if clusters are larger), so that images with small clusters
+/// still make large writes.
+pub const DATA_CHUNK: u64 = 1024 * 1024;
+
+/// Where [`copy_data`] puts the guest disk.
+///
+/// Calls come in file order, not guest order, and each guest byte below the
+/// virtual size is covered by exactly one call. Nothing is read back.
+pub trait Sink {
+    /// Writes `data` at `guest_offset`.
+    fn write_at(&mut self, guest_offset: u64, data: &[u8]) -> io::Result<()>;
+
+    /// Makes `guest_offset..guest_offset + len` read as zeros. The sink
+    /// decides how: `BLKZEROOUT` or discard on a block device, nothing on a
+    /// fresh sparse file, or writing zeros.
+    fn zero(&mut self, guest_offset: u64, len: u64) -> io::Result<()>;
+}
+
+impl<S: Sink + ?Sized> Sink for &mut S {
+    fn write_at(&mut self, guest_offset: u64, data: &[u8]) -> io::Result<()> {
+        (**self).write_at(guest_offset, data)
+    }
+
+    fn zero(&mut self, guest_offset: u64, len: u64) -> io::Result<()> {
+        (**self).zero(guest_offset, len)
+    }
+}
+
+/// What [`copy_data`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CopyStats {
+    /// Bytes consumed from the stream, including those skipped (metadata,
+    /// unused clusters); the stream is never read past the last byte needed.
+    pub bytes_read: u64,
+    /// Guest bytes written with [`Sink::write_at`].
+    pub bytes_written: u64,
+    /// Guest bytes passed to [`Sink::zero`].
+    pub bytes_zeroed: u64,
+}
+
+/// Copies the guest disk described by `layout` to `sink`, reading `stream`
+/// once, forward only.
+///
+/// `stream` yields the image file from offset `stream_offset` on; it must
+/// start at or before [`Layout::first_data_offset`] (a whole file starts at
+/// 0). Bytes between the extents are read and discarded, never seeked over,
+/// and nothing is read after [`Layout::data_end_offset`]. First every zero
+/// range goes to [`Sink::zero`], then every data cluster to
+/// [`Sink::write_at`] in file order; compressed clusters are decompressed
+/// to exactly one cluster (or fail with [`Error::BadCompressedCluster`]).
+///
+/// Memory: one buffer of `max(DATA_CHUNK, cluster size)` bytes for the
+/// stream window, grown to the largest compressed cluster bound (at most
+/// twice the cluster size) if needed, plus one cluster for decompression.
+/// `stream` is read with exact-size reads; give it a buffer (or make it a
+/// network body) if small reads are expensive.
+pub fn copy_data<R: Read, S: Sink + ?Sized>(
+    layout: &Layout,
+    stream: R,
+    stream_offset: u64,
+    sink: &mut S,
+) -> Result<CopyStats> {
+    let mut stats = CopyStats::default();
+    for extent in layout.zero_extents() {
+        if let Extent::Zero { guest_offset, len } = *extent {
+            sink.zero(guest_offset, len)
+                .map_err(|source| Error::Write {
+                    guest_offset,
+                    len,
+                    source,
+                })?;
+            stats.bytes_zeroed += len;
+        }
+    }
+
+    if let Some(first_data_offset) = layout.first_data_offset() {
+        if stream_offset > first_data_offset {
+            return Err(Error::StreamStartsTooLate {
+                stream_offset,
+                first_data_offset,
+            });
+        }
+    }
+    let chunk = DATA_CHUNK.max(layout.cluster_size());
+    let mut window = Window::new(stream, stream_offset);
+    let mut decompressor = Decompressor::default();
+    let mut cluster = Vec::new();
+
+    for extent in layout.host_extents() {
+        match *extent {
+            Extent::Data {
+                guest_offset,
+                host_offset,
+                len,
+            } => {
+                let mut done = 0;
+                while done < len {
+                    let piece = (len - done).min(chunk);
+                    let bytes = window.get(host_offset + done, piece)?;
+                    let at = guest_offset + done;
+                    sink.write_at(at, bytes).map_err(|source| Error::Write {
+                        guest_offset: at,
+                        len: piece,
+                        source,
+                    })?;
+                    done += piece;
+                }
+                stats.bytes_written += len;
+            }
+            Extent::Compressed {
+                guest_offset,
+                host_offset,
+                compressed_len,
+                len,
+                compression,
+            } => {
+                let compressed = window.get(host_offset, u64::from(compressed_len))?;
+                cluster.resize(layout.cluster_size() as usize, 0);
+                decompressor
+                    .decompress(compression, compressed, &mut cluster)
+                    .map_err(|detail| Error::BadCompressedCluster {
+                        guest_offset,
+                        host_offset,
+                        detail,
+                    })?;
+                let bytes = cluster.get(..len as usize).unwrap_or_default();
+                sink.write_at(guest_offset, bytes)
+                    .map_err(|source| Error::Write {
+                        guest_offset,
+                        len: u64::from(len),
+                        source,
+                    })?;
+                stats.bytes_written += u64::from(len);
+            }
+            Extent::Zero { .. } => {}
+        }
+    }
+    stats.bytes_read = window.end() - stream_offset;
+    Ok(stats)
+}
+
+/// The bytes `start..start + buf.len()` of the file, read from a forward-only stream.
+struct Window<R> {
+    stream: R,
+    /// File offset of `buf[0]`; the stream is at `start + buf.len()`.
+    start: u64,
+    buf: Vec<u8>,
+}
+
+impl<R: Read> Window<R> {
+    fn new(stream: R, stream_offset: u64) -> Window<R> {
+        Window {
+            stream,
+            start: stream_offset,
+            buf: Vec::new(),
+        }
+    }
+
+    /// File offset the stream is at.
+    fn end(&self) -> u64 {
+        self.start + self.buf.len() as u64
+    }
+
+    /// The file bytes `offset..offset + len`, dropping what comes before
+    /// `offset` and reading (or skipping) forward as needed.
+    fn get(&mut self, offset: u64, len: u64) -> Result<&[u8]> {
+        if offset < self.start {
+            // The layout orders and checks extents so that this cannot happen.
+            return Err(Error::corrupt(format!(
+                "file offset {offset} is needed after the stream moved past it to {}",
+                self.start
+            )));
+        }
+        let end = self.end();
+        if offset >= end {
+            self.buf.clear();
+            self.start = end;
+            self.skip(offset - end)?;
+        } else {
+            self.buf.drain(..(offset - self.start) as usize);
+        }
+        self.start = offset;
+
+        let have = self.buf.len();
+        let len = len as usize;
+        if have < len {
+            self.buf.resize(len, 0);
+            let read_at = self.start + have as u64;
+            let tail = self.buf.get_mut(have..).unwrap_or_default();
+            if let Err(error) = self.stream.read_exact(tail) {
+                self.buf.truncate(have);
+                return Err(stream_error(error, read_at, offset + len as u64));
+            }
+        }
+        Ok(self.buf.get(..len).unwrap_or_default())
+    }
+
+    /// Reads and discards `len` bytes.
+    fn skip(&mut self, len: u64) -> Result<()> {
+        let at = self.end();
+        let skipped = io::copy(&mut (&mut self.stream).take(len), &mut io::sink())
+            .map_err(|error| stream_error(error, at, at + len))?;
+        self.start = at + skipped;
+        if skipped < len {
+            return Err(Error::DataStreamEnded {
+                offset: self.start,
+                needed: at + len,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn stream_error(error: io::Error, offset: u64, needed: u64) -> Error {
+    if error.kind() == io::ErrorKind::UnexpectedEof {
+        Error::DataStreamEnded { offset, needed }
+    } else {
+        Error::ReadData {
+            offset,
+            source: error,
+        }
+    }
+}
+
+/// Reusable decoder state, created on first use.
+#[derive(Default)]
+struct Decompressor {
+    zlib: Option<flate2::Decompress>,
+    zstd: Option<zstd::stream::raw::Decoder<'static>>,
+}
+
+impl Decompressor {
+    /// Fills `cluster` exactly from `compressed`; more input than needed is
+    /// fine (the compressed length is only an upper bound), less output is not.
+    fn decompress(
+        &mut self,
+        compression: Compression,
+        compressed: &[u8],
+        cluster: &mut [u8],
+    ) -> Result<(), String> {
+        match compression {
+            Compression::Zlib => self.inflate(compressed, cluster),
+            Compression::Zstd => self.unzstd(compressed, cluster),
+        }
+    }
+
+    /// Raw deflate, as QEMU writes it (`deflateInit2` with window bits -12).
+    fn inflate(&mut self, compressed: &[u8], cluster: &mut [u8]) -> Result<(), String> {
+        use flate2::{Decompress, FlushDecompress, Status};
+        let inflater = self.zlib.get_or_insert_with(|| Decompress::new(false));
+        inflater.reset(false);
+        loop {
+            let consumed = inflater.total_in() as usize;
+            let produced = inflater.total_out() as usize;
+            if produced >= cluster.len() {
+                return Ok(());
+            }
+            let input = compressed.get(consumed..).unwrap_or_default();
+            let output = cluster.get_mut(produced..).unwrap_or_default();
+            let status = inflater
+                .decompress(input, output, FlushDecompress::Finish)
+                .map_err(|error| format!("deflate data is invalid: {error}"))?;
+            let progressed = inflater.total_in() as usize != consumed
+                || inflater.total_out() as usize != produced;
+            if status == Status::StreamEnd || !progressed {
+                let produced = inflater.total_out();
+                if produced as usize == cluster.len() {
+                    return Ok(());
+                }
+                return Err(format!(
+                    "it inflates to {produced} bytes, a cluster is {} bytes",
+                    cluster.len()
+                ));
+            }
+        }
+    }
+
+    /// Zstandard, as QEMU reads it: one or more frames that fill the cluster
+    /// and end exactly there.
+    fn unzstd(&mut self, compressed: &[u8], cluster: &mut [u8]) -> Result<(), String> {
+        use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+        let decoder = match &mut self.zstd {
+            Some(decoder) => decoder,
+            None => self.zstd.insert(
+                Decoder::new().map_err(|error| format!("cannot create a zstd decoder: {error}"))?,
+            ),
+        };
+        decoder
+            .reinit()
+            .map_err(|error| format!("cannot reset the zstd decoder: {error}"))?;
+        let cluster_len = cluster.len();
+        let mut input = InBuffer::around(compressed);
+        let mut output = OutBuffer::around(cluster);
+        let mut frame_remaining = 0;
+        while output.pos() < cluster_len {
+            let (consumed, produced) = (input.pos(), output.pos());
+            frame_remaining = decoder
+                .run(&mut input, &mut output)
+                .map_err(|error| format!("zstd data is invalid: {error}"))?;
+            if input.pos() == consumed && output.pos() == produced {
+                return Err(format!(
+                    "it decompresses to {produced} bytes, a cluster is {cluster_len} bytes"
+                ));
+            }
+        }
+        if frame_remaining != 0 {
+            return Err(format!(
+                "it decompresses to more than a cluster ({cluster_len} bytes)"
+            ));
+        }
+        Ok(())
+    }
+}
