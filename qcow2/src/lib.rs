@@ -37,9 +37,10 @@
 //!
 //! 1. [`Layout::read`] reads the header, the L1 table and every L2 table
 //!    with random access through [`ReadAt`] (`pread` on a file, HTTP `Range`
-//!    requests remotely; adjacent L2 tables are read in one call). It turns
-//!    them into a [`Layout`]: the guest ranges that read as zeros, and the
-//!    guest ranges backed by file data, sorted by *file* offset.
+//!    requests remotely; L2 tables less than 64 KiB apart are read in one
+//!    call of at most 1 MiB). It turns them into a [`Layout`]: the guest
+//!    ranges that read as zeros, and the guest ranges backed by file data,
+//!    sorted by *file* offset.
 //! 2. [`copy_data`] then reads the file once, front to back, from
 //!    [`Layout::first_data_offset`] to [`Layout::data_end_offset`] (one
 //!    HTTP GET), writes each cluster at its guest offset through a [`Sink`],
@@ -54,13 +55,15 @@
 //! # Memory
 //!
 //! No data is buffered beyond the current piece. [`Layout`] holds one
-//! 32-byte [`Extent`] per run of clusters contiguous in both the guest and
-//! the file, so at worst one per allocated cluster (a fully fragmented or
-//! compressed image: 32 bytes per cluster, 0.05 % of the data with 64 KiB
-//! clusters), plus up to that again while sorting. Everything it allocates
-//! is bounded by metadata actually present in the file (the L1 table is
-//! read in 512 KiB chunks, L2 tables are read in groups of at most 1 MiB or
-//! one table, two L1 entries may not share an L2 table), never by a header
+//! 32-byte [`Extent`] per run: data clusters contiguous in both the guest
+//! and the file, or zero clusters contiguous in the guest. At worst that is
+//! one per cluster (a fully fragmented or compressed image: 32 bytes per
+//! cluster, 0.05 % of the data with 64 KiB clusters), plus up to as much
+//! again while it is built (vector growth, the final concatenation). Every
+//! allocation is bounded by metadata actually present in the file (the L1
+//! table is read in 512 KiB chunks, L2 tables in groups of at most 1 MiB or
+//! one table, two L1 entries may not share an L2 table, and each L2 entry
+//! yields at most one extent) and by the virtual size, never by a header
 //! field alone. [`copy_data`] holds one buffer of `max(1 MiB, cluster)` (up
 //! to twice a cluster for a compressed cluster's bound) and one cluster for
 //! decompression.

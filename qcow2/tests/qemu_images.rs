@@ -290,3 +290,46 @@ fn with_internal_snapshot() {
     let layout = assert_same_as_qemu(&image);
     assert_eq!(layout.header().nb_snapshots, 1);
 }
+
+/// Counts the metadata reads, as an HTTP `Range` client would issue them.
+struct CountingReads {
+    file: File,
+    calls: usize,
+    bytes: u64,
+}
+
+impl qcow2::ReadAt for CountingReads {
+    fn read_exact_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.calls += 1;
+        self.bytes += buf.len() as u64;
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
+    }
+}
+
+/// Header, L1 and L2 tables take a handful of reads, even with 512-byte
+/// clusters whose L2 tables qemu-img scatters between the data.
+#[test]
+fn few_metadata_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, options, max_calls) in [
+        ("default", &[][..], 3),
+        ("small", &["-o", "cluster_size=512"][..], 6),
+    ] {
+        let image = convert(dir.path(), name, options);
+        let mut reads = CountingReads {
+            file: File::open(&image).unwrap(),
+            calls: 0,
+            bytes: 0,
+        };
+        let layout = qcow2::Layout::read(&mut reads, file_len(&image), u64::MAX).unwrap();
+        let l2_tables = layout
+            .virtual_size()
+            .div_ceil(layout.cluster_size() * layout.cluster_size() / 8);
+        assert!(
+            reads.calls <= max_calls,
+            "{name}: {} reads ({} bytes) for {l2_tables} L2 tables",
+            reads.calls,
+            reads.bytes
+        );
+    }
+}
