@@ -70,6 +70,14 @@ pub fn copy_data<R: Read, S: Sink + ?Sized>(
     stream_offset: u64,
     sink: &mut S,
 ) -> Result<CopyStats> {
+    if let Some(first_data_offset) = layout.first_data_offset() {
+        if stream_offset > first_data_offset {
+            return Err(Error::StreamStartsTooLate {
+                stream_offset,
+                first_data_offset,
+            });
+        }
+    }
     let mut stats = CopyStats::default();
     for extent in layout.zero_extents() {
         if let Extent::Zero { guest_offset, len } = *extent {
@@ -83,14 +91,6 @@ pub fn copy_data<R: Read, S: Sink + ?Sized>(
         }
     }
 
-    if let Some(first_data_offset) = layout.first_data_offset() {
-        if stream_offset > first_data_offset {
-            return Err(Error::StreamStartsTooLate {
-                stream_offset,
-                first_data_offset,
-            });
-        }
-    }
     let chunk = DATA_CHUNK.max(layout.cluster_size());
     let mut window = Window::new(stream, stream_offset);
     let mut decompressor = Decompressor::default();

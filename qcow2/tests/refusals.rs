@@ -269,10 +269,18 @@ fn truncated_file() {
     let mut sink = VecSink::new(layout.virtual_size());
     let err = qcow2::copy_data(&layout, stream, start, &mut sink).unwrap_err();
     assert!(matches!(err, Error::DataStreamEnded { .. }), "{err:?}");
-    // And a stream that starts after the first data cluster is refused.
-    let err =
-        qcow2::copy_data(&layout, &bytes[start as usize + 1..], start + 1, &mut sink).unwrap_err();
+    // And a stream that starts after the first data cluster is refused
+    // before anything is written.
+    let mut untouched = VecSink::new(layout.virtual_size());
+    let err = qcow2::copy_data(
+        &layout,
+        &bytes[start as usize + 1..],
+        start + 1,
+        &mut untouched,
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::StreamStartsTooLate { .. }), "{err:?}");
+    assert!(untouched.calls.is_empty());
 }
 
 #[test]
