@@ -61,7 +61,8 @@ pub struct CopyStats {
 ///
 /// Memory: one buffer of `max(DATA_CHUNK, cluster size)` bytes for the
 /// stream window, grown to the largest compressed cluster bound (at most
-/// twice the cluster size) if needed, plus one cluster for decompression.
+/// twice the cluster size) if needed, plus one cluster for decompression,
+/// plus the decoder's state (zstd: at most an 8 MiB window).
 /// `stream` is read with exact-size reads; give it a buffer (or make it a
 /// network body) if small reads are expensive.
 pub fn copy_data<R: Read, S: Sink + ?Sized>(
@@ -232,6 +233,12 @@ fn stream_error(error: io::Error, offset: u64, needed: u64) -> Error {
     }
 }
 
+/// Largest zstd window accepted: 8 MiB. A zstd frame names its window size,
+/// and the decoder allocates it; libzstd's own default limit is 128 MiB,
+/// which a crafted image could make the agent allocate. One cluster (2 MiB
+/// at most) never needs more than a 2 MiB window; QEMU's frames use less.
+const ZSTD_WINDOW_LOG_MAX: u32 = 23;
+
 /// Reusable decoder state, created on first use.
 #[derive(Default)]
 struct Decompressor {
@@ -288,12 +295,17 @@ impl Decompressor {
     /// Zstandard, as QEMU reads it: one or more frames that fill the cluster
     /// and end exactly there.
     fn unzstd(&mut self, compressed: &[u8], cluster: &mut [u8]) -> Result<(), String> {
-        use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+        use zstd::stream::raw::{DParameter, Decoder, InBuffer, Operation, OutBuffer};
         let decoder = match &mut self.zstd {
             Some(decoder) => decoder,
-            None => self.zstd.insert(
-                Decoder::new().map_err(|error| format!("cannot create a zstd decoder: {error}"))?,
-            ),
+            None => {
+                let mut decoder = Decoder::new()
+                    .map_err(|error| format!("cannot create a zstd decoder: {error}"))?;
+                decoder
+                    .set_parameter(DParameter::WindowLogMax(ZSTD_WINDOW_LOG_MAX))
+                    .map_err(|error| format!("cannot limit the zstd window: {error}"))?;
+                self.zstd.insert(decoder)
+            }
         };
         decoder
             .reinit()
@@ -319,5 +331,39 @@ impl Decompressor {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame that asks for a 128 MiB window is refused, not allocated.
+    #[test]
+    fn zstd_window_is_capped() {
+        use zstd::stream::raw::{CParameter, Encoder, InBuffer, Operation, OutBuffer};
+        let cluster = vec![0x61u8; 4096];
+        let mut encoder = Encoder::new(3).unwrap();
+        encoder.set_parameter(CParameter::WindowLog(27)).unwrap();
+        let mut frame = vec![0u8; 8192];
+        let mut output = OutBuffer::around(&mut frame[..]);
+        let mut input = InBuffer::around(&cluster);
+        encoder.run(&mut input, &mut output).unwrap();
+        while encoder.finish(&mut output, true).unwrap() != 0 {}
+        let len = output.pos();
+        let frame = &frame[..len];
+
+        let mut out = vec![0u8; 4096];
+        let err = Decompressor::default()
+            .decompress(Compression::Zstd, frame, &mut out)
+            .unwrap_err();
+        assert!(err.contains("zstd data is invalid"), "{err}");
+
+        // The same cluster with a small window decodes.
+        let small = zstd::bulk::compress(&cluster, 3).unwrap();
+        Decompressor::default()
+            .decompress(Compression::Zstd, &small, &mut out)
+            .unwrap();
+        assert_eq!(out, cluster);
     }
 }

@@ -83,6 +83,12 @@ fn clusters_of_2_mib() {
         &["-c", "-o", "cluster_size=2M"],
     ));
     assert!(count(&compressed, is_compressed) > 0);
+    let zstd = assert_same_as_qemu(&convert(
+        dir.path(),
+        "big-clusters-zstd",
+        &["-c", "-o", "cluster_size=2M,compression_type=zstd"],
+    ));
+    assert!(count(&zstd, is_compressed) > 0);
 }
 
 #[test]
