@@ -65,8 +65,9 @@
 //! one table, two L1 entries may not share an L2 table, and each L2 entry
 //! yields at most one extent) and by the virtual size, never by a header
 //! field alone. [`copy_data`] holds one buffer of `max(1 MiB, cluster)` (up
-//! to twice a cluster for a compressed cluster's bound) and one cluster for
-//! decompression.
+//! to twice a cluster for a compressed cluster's bound), one cluster for
+//! decompression, and the zstd decoder's window, which a frame may not ask
+//! to be larger than 8 MiB (libzstd would allow 128 MiB).
 //!
 //! # What is refused, and what is accepted
 //!
@@ -84,7 +85,11 @@
 //! compression, internal snapshots (only the active L1 table is read), and
 //! *dirty* images (incompatible bit 0): the flag means refcounts may be
 //! stale, and reading uses no refcounts; [`Header::is_dirty`] lets the
-//! caller warn. Reserved bits in L1/L2 entries are ignored, as QEMU does.
+//! caller warn. Reserved bits in L1/L2 entries are ignored, as QEMU does,
+//! and so are L1 entries past the virtual size (QEMU keeps a larger L1
+//! table after shrinking an image). Header extensions are not read: what
+//! they could change is also announced in the header (`crypt_method` 2 for
+//! LUKS, incompatible bit 2 for an external data file).
 
 mod copy;
 mod error;
