@@ -20,7 +20,11 @@ struct Bounds {
 impl Bounds {
     fn record(&mut self, offset: u64, len: u64) -> io::Result<()> {
         let end = offset.checked_add(len).expect("offset + len overflows");
-        assert!(len > 0 && end <= self.size, "call {offset}+{len} outside a {}-byte disk", self.size);
+        assert!(
+            len > 0 && end <= self.size,
+            "call {offset}+{len} outside a {}-byte disk",
+            self.size
+        );
         self.covered += len;
         Ok(())
     }
