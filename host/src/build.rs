@@ -41,7 +41,7 @@ pub struct BuildArgs {
     /// The root filesystem: an `imgforge rootfs` source (dir:, tar:, oci:,
     /// docker-archive:, docker:, podman:, debian:SUITE), a local tarball, or
     /// an http(s) URL the build server downloads itself.
-    #[arg(long, required_unless_present = "disk_image")]
+    #[arg(long)]
     pub rootfs: Option<String>,
     /// A disk image (from-qcow2): a local file or an http(s) URL.
     #[arg(long, conflicts_with = "rootfs")]
@@ -184,10 +184,19 @@ async fn build(
     created: &Created,
 ) -> Result<BuildReport> {
     let started = Instant::now();
-    if args.method == Method::FromQcow2 || args.disk_image.is_some() {
-        bail!("the from-qcow2 build method is not available yet; use from-rootfs or unpartitioned-from-rootfs");
-    }
-    let rootfs = args.rootfs.as_deref().context("--rootfs is required")?;
+    // What the agent downloads: the rootfs, or the disk image (from-qcow2),
+    // under the parameter names of the original.
+    let (input, url_key, sha_key) = match (args.method, &args.rootfs, &args.disk_image) {
+        (Method::FromQcow2, None, Some(image)) => {
+            (image.as_str(), "disk_img_url", "disk_img_sha256")
+        }
+        (Method::FromQcow2, _, None) => {
+            bail!("--method from-qcow2 writes a disk image: give --disk-image FILE|URL")
+        }
+        (_, Some(rootfs), None) => (rootfs.as_str(), "rootfs_url", "rootfs_sha256"),
+        (_, _, Some(_)) => bail!("--disk-image goes with --method from-qcow2"),
+        (_, None, None) => bail!("give --rootfs (or --disk-image with --method from-qcow2)"),
+    };
     if let Ok(existing) = crate::provider::find_image(provider.as_ref(), &args.name).await {
         bail!(
             "an image named {:?} exists already ({}): delete it (imgforge image rm {}) or choose another --name",
@@ -198,24 +207,29 @@ async fn build(
     }
     let work = tempfile::tempdir().context("create a temporary directory")?;
 
-    // The rootfs, and how the server reaches it.
+    // The input, and how the server reaches it.
     let artifacts = ArtifactServer::start(([127, 0, 0, 1], 0).into(), None).await?;
     let mut tags = vec![format!("build_method={}", args.method.name())];
     let mut host_services = vec![artifacts.addr()];
-    match resolve_rootfs(rootfs, args, work.path()).await? {
-        RootfsInput::Url(url) => {
+    let resolved = if args.method == Method::FromQcow2 {
+        resolve_disk_image(input)?
+    } else {
+        resolve_rootfs(input, args, work.path()).await?
+    };
+    match resolved {
+        Input::Url(url) => {
             let guest = provider.guest_url(&url)?;
             if let Ok(parsed) = url::Url::parse(&url) {
                 if let Ok(addrs) = parsed.socket_addrs(|| None) {
                     host_services.extend(addrs.into_iter().filter(|a| a.is_ipv4()).take(1));
                 }
             }
-            tags.push(format!("rootfs_url={guest}"));
+            tags.push(format!("{url_key}={guest}"));
         }
-        RootfsInput::File(path) => {
+        Input::File(path) => {
             let served = artifacts.add_file(&path).await?;
-            tags.push(format!("rootfs_url={}", provider.guest_url(&served.url)?));
-            tags.push(format!("rootfs_sha256={}", served.sha256));
+            tags.push(format!("{url_key}={}", provider.guest_url(&served.url)?));
+            tags.push(format!("{sha_key}={}", served.sha256));
         }
     }
     tags.push(format!("signal_build_done_port={DONE_PORT}"));
@@ -320,20 +334,34 @@ async fn build(
     })
 }
 
-enum RootfsInput {
+/// What the agent downloads: a URL it fetches itself, or a local file served to it.
+enum Input {
     Url(String),
     File(PathBuf),
 }
 
+/// A disk image: a URL, or a local file served as is.
+fn resolve_disk_image(image: &str) -> Result<Input> {
+    if image.starts_with("http://") || image.starts_with("https://") {
+        return Ok(Input::Url(image.to_owned()));
+    }
+    if !Path::new(image).is_file() {
+        bail!(
+            "--disk-image {image}: no such file; give a qcow2 or raw image file, or an http(s) URL"
+        );
+    }
+    Ok(Input::File(image.into()))
+}
+
 /// A URL stays a URL; a `SCHEME:` source is built into `work`; anything
 /// else must be a local file.
-async fn resolve_rootfs(rootfs: &str, args: &BuildArgs, work: &Path) -> Result<RootfsInput> {
+async fn resolve_rootfs(rootfs: &str, args: &BuildArgs, work: &Path) -> Result<Input> {
     if rootfs.starts_with("http://") || rootfs.starts_with("https://") {
-        return Ok(RootfsInput::Url(rootfs.to_owned()));
+        return Ok(Input::Url(rootfs.to_owned()));
     }
     let path = Path::new(rootfs);
     if path.is_file() {
-        return Ok(RootfsInput::File(path.to_path_buf()));
+        return Ok(Input::File(path.to_path_buf()));
     }
     if !rootfs.contains(':') {
         bail!(
@@ -364,7 +392,7 @@ async fn resolve_rootfs(rootfs: &str, args: &BuildArgs, work: &Path) -> Result<R
         report.entries,
         report.size >> 20
     );
-    Ok(RootfsInput::File(output))
+    Ok(Input::File(output))
 }
 
 /// Follows the server until the agent's done line arrives: progress from

@@ -133,11 +133,7 @@ pub struct Partitioned {
 /// Writes the GPT layout onto the volume.
 pub fn partition(volume: &mut Volume, efi_size: u64) -> Result<Partitioned> {
     let ss = volume.sector_size;
-    let lb = match ss {
-        512 => LogicalBlockSize::Lb512,
-        4096 => LogicalBlockSize::Lb4096,
-        other => bail!("sector size {other} is not supported (512 or 4096)"),
-    };
+    let lb = logical_block_size(ss)?;
     let efi_size = efi_size.div_ceil(ALIGN_BYTES) * ALIGN_BYTES;
     // 1 MiB before the ESP, the table copies at the end, and room for a root
     // filesystem worth having.
@@ -304,6 +300,181 @@ pub fn wait_for_node(path: &Path, timeout: Duration) -> Result<()> {
     )
 }
 
+/// A partition of a GPT found on the volume (after a disk image was
+/// written onto it).
+#[derive(Clone, Debug)]
+pub struct FoundPartition {
+    pub number: u32,
+    pub device: PathBuf,
+    pub partuuid: Uuid,
+    pub type_guid: Uuid,
+    pub start: u64,
+    pub size: u64,
+}
+
+impl FoundPartition {
+    pub fn is_esp(&self) -> bool {
+        self.type_guid == partition_types::EFI.guid
+    }
+}
+
+/// What [`grow_gpt`] found and did.
+#[derive(Clone, Debug)]
+pub struct GrownGpt {
+    pub partitions: Vec<FoundPartition>,
+    /// The partition that now ends at the end of the volume, with its size
+    /// before growing.
+    pub grown: Option<(u32, u64)>,
+}
+
+/// When the volume starts with a GPT (a disk image written onto a volume
+/// larger than the image): moves the backup header and entry array to the
+/// end of the volume and grows the partition that ends last to the new last
+/// usable sector, keeping every entry in its slot. `Ok(None)` when there is
+/// no GPT. The kernel re-reads the table.
+pub fn grow_gpt(volume: &mut Volume) -> Result<Option<GrownGpt>> {
+    let ss = volume.sector_size;
+    let lb = logical_block_size(ss)?;
+    let mut primary = match gpt::header::read_header_from_arbitrary_device(&mut volume.file, lb) {
+        Ok(h) => h,
+        Err(e) => {
+            info!("no GPT on {} ({e}): nothing to grow", volume.path.display());
+            return Ok(None);
+        }
+    };
+    if primary.part_size != 128 || primary.num_parts == 0 || primary.num_parts > 4096 {
+        bail!(
+            "the image's GPT has {} entries of {} bytes; only 128-byte entries (at most 4096) \
+             are supported",
+            primary.num_parts,
+            primary.part_size
+        );
+    }
+    let entries = gpt::partition::file_read_partitions(&mut volume.file, &primary, lb)
+        .context("read the image's GPT entries")?;
+    let total_lba = volume.size / ss;
+    let array_bytes = u64::from(primary.num_parts) * u64::from(primary.part_size);
+    let array_sectors = array_bytes.div_ceil(ss);
+    let new_backup_lba = total_lba - 1;
+    let new_last_usable = new_backup_lba
+        .checked_sub(array_sectors + 1)
+        .context("the volume is too small for a GPT")?;
+    if primary.backup_lba > new_backup_lba || primary.last_usable > new_last_usable {
+        bail!(
+            "the image's GPT describes a disk of {} bytes, larger than the volume ({} bytes)",
+            (primary.backup_lba + 1) * ss,
+            volume.size
+        );
+    }
+    let last = entries
+        .iter()
+        .filter(|(_, p)| p.is_used())
+        .max_by_key(|(_, p)| p.last_lba)
+        .map(|(slot, p)| (*slot, p.clone()));
+    let mut grown = None;
+    if let Some((slot, mut part)) = last {
+        if part.last_lba < new_last_usable {
+            grown = Some((slot, (part.last_lba - part.first_lba + 1) * ss));
+            part.last_lba = new_last_usable;
+            part.write_to_device(
+                &mut volume.file,
+                u64::from(slot - 1),
+                primary.part_start,
+                lb,
+                primary.part_size,
+            )
+            .context("write the grown partition entry")?;
+        }
+    }
+    let old_backup_lba = primary.backup_lba;
+    primary.last_usable = new_last_usable;
+    primary.backup_lba = new_backup_lba;
+    // The backup entry array is a copy of the primary one, right before the
+    // backup header.
+    let mut array = vec![0u8; array_bytes as usize];
+    volume.file.seek(SeekFrom::Start(primary.part_start * ss))?;
+    std::io::Read::read_exact(&mut volume.file, &mut array)?;
+    volume
+        .file
+        .seek(SeekFrom::Start((new_last_usable + 1) * ss))?;
+    volume.file.write_all(&array)?;
+    let mut backup = primary.clone();
+    backup.current_lba = new_backup_lba;
+    backup.backup_lba = primary.current_lba;
+    backup.part_start = new_last_usable + 1;
+    backup
+        .write_backup(&mut volume.file, lb)
+        .context("write the backup GPT header")?;
+    primary
+        .write_primary(&mut volume.file, lb)
+        .context("write the primary GPT header")?;
+    if old_backup_lba != new_backup_lba {
+        // The old backup header now lies inside the grown partition; a
+        // stray "EFI PART" there would only confuse tools.
+        volume.file.seek(SeekFrom::Start(old_backup_lba * ss))?;
+        volume.file.write_all(&vec![0u8; ss as usize])?;
+    }
+    fix_protective_mbr(volume)?;
+    volume.file.sync_all().context("flush the GPT")?;
+
+    let entries = gpt::partition::file_read_partitions(&mut volume.file, &primary, lb)
+        .context("read back the GPT entries")?;
+    let partitions: Vec<FoundPartition> = entries
+        .iter()
+        .filter(|(_, p)| p.is_used())
+        .map(|(slot, p)| FoundPartition {
+            number: *slot,
+            device: volume.partition_path(*slot),
+            partuuid: p.part_guid,
+            type_guid: p.part_type_guid.guid,
+            start: p.first_lba * ss,
+            size: (p.last_lba - p.first_lba + 1) * ss,
+        })
+        .collect();
+    if let Some((slot, before)) = grown {
+        info!(
+            "grew partition {slot} from {} MiB to the end of {} ({} MiB)",
+            before >> 20,
+            volume.path.display(),
+            partitions
+                .iter()
+                .find(|p| p.number == slot)
+                .map_or(0, |p| p.size >> 20)
+        );
+    }
+    if volume.is_block_device {
+        reread_partition_table(volume)?;
+        for p in &partitions {
+            wait_for_node(&p.device, Duration::from_secs(10))?;
+        }
+    }
+    Ok(Some(GrownGpt { partitions, grown }))
+}
+
+/// The protective MBR's 0xEE entry covers the whole disk (at most what 32
+/// bits can say); boot code and other bytes are left alone.
+fn fix_protective_mbr(volume: &mut Volume) -> Result<()> {
+    let mut mbr = [0u8; 512];
+    volume.file.seek(SeekFrom::Start(0))?;
+    std::io::Read::read_exact(&mut volume.file, &mut mbr)?;
+    if mbr[510..512] != [0x55, 0xAA] || mbr[446 + 4] != 0xEE {
+        return Ok(());
+    }
+    let sectors = u32::try_from(volume.size / volume.sector_size - 1).unwrap_or(u32::MAX);
+    mbr[446 + 12..446 + 16].copy_from_slice(&sectors.to_le_bytes());
+    volume.file.seek(SeekFrom::Start(0))?;
+    volume.file.write_all(&mbr)?;
+    Ok(())
+}
+
+fn logical_block_size(sector_size: u64) -> Result<LogicalBlockSize> {
+    match sector_size {
+        512 => Ok(LogicalBlockSize::Lb512),
+        4096 => Ok(LogicalBlockSize::Lb4096),
+        other => bail!("sector size {other} is not supported (512 or 4096)"),
+    }
+}
+
 /// Block devices the kernel knows, for error messages.
 pub fn list_block_devices() -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir("/sys/block")
@@ -429,5 +600,61 @@ mod tests {
             mk("/dev/nvme0n1").partition_path(1),
             PathBuf::from("/dev/nvme0n1p1")
         );
+    }
+
+    /// A 64 MiB image (sgdisk: ESP in slot 15, root in slot 1) written onto
+    /// a 160 MiB volume: after growing, sgdisk finds no problem, the root
+    /// ends at the last usable sector and the ESP keeps its slot and size.
+    #[test]
+    fn grow_gpt_moves_the_backup_and_grows_the_last_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        File::create(&path).unwrap().set_len(64 << 20).unwrap();
+        let made = Command::new("sgdisk")
+            .args([
+                "-n",
+                "15:2048:+16M",
+                "-t",
+                "15:EF00",
+                "-n",
+                "1:0:0",
+                "-t",
+                "1:8300",
+            ])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{made:?}");
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(160 << 20)
+            .unwrap();
+        let mut vol = Volume::open(&path).unwrap();
+        let grown = grow_gpt(&mut vol).unwrap().expect("a GPT");
+        let (slot, before) = grown.grown.unwrap();
+        assert_eq!(slot, 1);
+        assert!(before < 48 << 20, "{before}");
+        let root = grown.partitions.iter().find(|p| p.number == 1).unwrap();
+        let esp = grown.partitions.iter().find(|p| p.number == 15).unwrap();
+        assert!(esp.is_esp() && !root.is_esp());
+        assert_eq!(esp.size, 16 << 20);
+        // Last usable LBA of a 160 MiB disk with 128 entries: total - 34.
+        assert_eq!((root.start + root.size) / 512, (160 << 20) / 512 - 33);
+
+        let verify = Command::new("sgdisk")
+            .arg("-v")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&verify.stdout);
+        assert!(out.contains("No problems found"), "{out}");
+        // No GPT at all: nothing to do.
+        let blank = dir.path().join("blank.img");
+        File::create(&blank).unwrap().set_len(8 << 20).unwrap();
+        assert!(grow_gpt(&mut Volume::open(&blank).unwrap())
+            .unwrap()
+            .is_none());
     }
 }

@@ -84,11 +84,21 @@ pub fn format_ext4(device: &Path, label: &str, uuid: Uuid) -> Result<()> {
 }
 
 fn find_mke2fs() -> Result<PathBuf> {
-    ["/usr/sbin/mke2fs", "/sbin/mke2fs", "/usr/bin/mke2fs"]
+    find_tool("mke2fs")
+}
+
+/// A tool bundled into the initrd (there is no PATH to speak of in PID 1's
+/// environment, so the usual directories are searched).
+pub fn find_tool(name: &str) -> Result<PathBuf> {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
         .iter()
-        .map(PathBuf::from)
+        .map(|dir| Path::new(dir).join(name))
         .find(|p| p.is_file())
-        .context("mke2fs is not in the initrd: the bootscript's initrd tools must include mke2fs")
+        .with_context(|| {
+            format!(
+                "{name} is not in the initrd: the bootscript's initrd tools must include {name}"
+            )
+        })
 }
 
 /// A mount that is undone when dropped (lazily, so an error path never

@@ -85,6 +85,9 @@ pub struct BuildServer {
     /// A host HTTP server the guest reaches at [`ARTIFACTS_GUEST`].
     pub artifacts: Option<SocketAddr>,
     pub memory_mib: u32,
+    /// Fill the volume with this byte first (proves that a method writes
+    /// or zeroes everything it claims, instead of relying on a blank volume).
+    pub volume_fill: Option<u8>,
 }
 
 impl Default for BuildServer {
@@ -96,6 +99,7 @@ impl Default for BuildServer {
             done_port_guest: 22,
             artifacts: None,
             memory_mib: 1024,
+            volume_fill: None,
         }
     }
 }
@@ -126,7 +130,18 @@ impl BuildServer {
         let info = host::bootscript::read_info(artifacts)?;
         let dir = tempfile::tempdir()?;
         let disk = dir.path().join("volume.raw");
-        std::fs::File::create(&disk)?.set_len(self.volume_size)?;
+        match self.volume_fill {
+            None => std::fs::File::create(&disk)?.set_len(self.volume_size)?,
+            Some(byte) => {
+                use std::io::Write;
+                let mut f = std::io::BufWriter::new(std::fs::File::create(&disk)?);
+                let chunk = vec![byte; 1 << 20];
+                for _ in 0..self.volume_size.div_ceil(1 << 20) {
+                    f.write_all(&chunk)?;
+                }
+                f.into_inner()?.set_len(self.volume_size)?;
+            }
+        }
         let metadata = match self.tags {
             Some(tags) => {
                 let mut meta =

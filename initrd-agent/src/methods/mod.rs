@@ -2,6 +2,7 @@
 //! `build_method` parameter; each method is one file implementing
 //! [`BuildMethod`], and [`run`] drives the three steps.
 
+mod from_qcow2;
 mod from_rootfs;
 mod rootfs_stream;
 mod unpartitioned_from_rootfs;
@@ -116,16 +117,7 @@ pub fn run(method: MethodName, ctx: &BuildContext) -> Result<MethodOutcome, Stag
         MethodName::UnpartitionedFromRootfs => {
             Box::new(unpartitioned_from_rootfs::UnpartitionedFromRootfs::default())
         }
-        MethodName::FromQcow2 => {
-            return Err(StageError {
-                stage: "dispatch",
-                error: anyhow::anyhow!(
-                    "build method from-qcow2 is not available in initrd-agent {} (it comes \
-                     with a later release); use from-rootfs or unpartitioned-from-rootfs",
-                    env!("CARGO_PKG_VERSION")
-                ),
-            })
-        }
+        MethodName::FromQcow2 => Box::new(from_qcow2::FromQcow2::default()),
     };
     m.pre_build(ctx)?;
     m.build(ctx)?;

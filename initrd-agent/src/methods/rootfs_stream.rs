@@ -84,12 +84,12 @@ pub fn stream_rootfs(ctx: &BuildContext, root: &Path) -> Result<Streamed, StageE
 
 /// True when the error chain holds a download error rather than an
 /// extraction one.
-fn download_failed(e: &anyhow::Error) -> bool {
+pub(super) fn download_failed(e: &anyhow::Error) -> bool {
     e.chain()
         .any(|c| c.downcast_ref::<fetch::FetchError>().is_some())
 }
 
-fn spawn_progress_reporter(
+pub(super) fn spawn_progress_reporter(
     ctx: &BuildContext,
     progress: fetch::Progress,
     done: Arc<AtomicBool>,
