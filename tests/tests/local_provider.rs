@@ -365,3 +365,68 @@ fn an_image_boots_as_a_uefi_server_and_with_imgforge_boot() {
     home.json(["server", "rm", &id]);
     home.assert_no_servers_left();
 }
+
+/// `imgforge build --method from-qcow2`: an exported qcow2 image becomes a
+/// new image through a build server (the file served with its digest).
+#[test]
+fn build_from_a_qcow2_disk_image_file() {
+    let home = LocalHome::new();
+    let rootfs = write_rootfs(home.path(), "via-qcow2");
+    home.json(build_args(&rootfs, "source"));
+    let qcow2 = home.path().join("source.qcow2");
+    home.json([
+        "image".as_ref(),
+        "export".as_ref(),
+        OsStr::new("source"),
+        "-o".as_ref(),
+        qcow2.as_os_str(),
+        "--format".as_ref(),
+        "qcow2".as_ref(),
+    ]);
+    let report = home.json([
+        "build",
+        "--method",
+        "from-qcow2",
+        "--disk-image",
+        qcow2.to_str().unwrap(),
+        "--name",
+        "copy",
+        "--size",
+        "128M",
+        "--bootscript-dir",
+        &bootscript_arg(),
+    ]);
+    assert_eq!(report["method"], "from-qcow2");
+    assert_eq!(report["done"]["layout"][0]["size_bytes"], 64 << 20);
+    home.assert_no_servers_left();
+    let raw = home.path().join("copy.raw");
+    home.json([
+        "image".as_ref(),
+        "export".as_ref(),
+        OsStr::new("copy"),
+        "-o".as_ref(),
+        raw.as_os_str(),
+    ]);
+    judge("e2fsck", &[OsStr::new("-fn"), raw.as_os_str()]).unwrap();
+    assert!(debugfs_cat(&raw, "/sbin/init").contains("via-qcow2"));
+
+    // --disk-image belongs to from-qcow2.
+    let out = home
+        .command([
+            "build",
+            "--method",
+            "from-rootfs",
+            "--disk-image",
+            qcow2.to_str().unwrap(),
+            "--name",
+            "mixed",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--disk-image goes with --method from-qcow2"),
+        "{stderr}"
+    );
+}
