@@ -9,9 +9,11 @@
 //! limited to its partition, so a damaged filesystem cannot make the
 //! inspection read outside it. An unpartitioned disk (a filesystem on the
 //! whole disk, as `unpartitioned-from-rootfs` makes) is reported as one
-//! whole-disk filesystem. Images in container formats (qcow2, VMDK, VHD(X),
-//! VDI) or compressed are recognised by their magic bytes and refused with
-//! the command that turns them into raw images.
+//! whole-disk filesystem. A qcow2 image is read through the `qcow2` crate
+//! (the agent's reader): its guest disk is laid out in a sparse temporary
+//! file first, which costs its data bytes on disk. Other container formats
+//! (VMDK, VHD(X), VDI) and compressed images are recognised by their magic
+//! bytes and refused with the command that turns them into raw images.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -24,7 +26,7 @@ use tracing::debug;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct InspectArgs {
-    /// A raw disk image file (convert qcow2 and other formats with
+    /// A raw or qcow2 disk image file (convert other formats with
     /// `qemu-img convert -O raw` first).
     pub disk: PathBuf,
     /// List at most this many files of each FAT filesystem (the ESP).
@@ -37,6 +39,9 @@ pub struct InspectArgs {
 pub struct Report {
     /// The image file as given on the command line.
     pub path: String,
+    /// `raw`, or `qcow2` (read through the qcow2 reader).
+    pub format: &'static str,
+    /// The disk's size (for qcow2, its virtual size).
     pub disk_size_bytes: u64,
     pub partition_table: PartitionTableKind,
     /// Logical sector size the partition table was read with (512 or 4096);
@@ -200,6 +205,15 @@ pub fn inspect_disk(path: &Path, max_files: usize) -> Result<Report> {
     image
         .read_exact_at(&mut head, 0)
         .with_context(|| format!("{shown}: read the first sectors"))?;
+    if head.starts_with(&qcow2::MAGIC) {
+        // Read through the same qcow2 reader as the agent: the guest disk is
+        // laid out in a sparse temporary file (its data bytes, no more).
+        let flat = flatten_qcow2(path).with_context(|| format!("{shown}: read the qcow2 image"))?;
+        let mut report = inspect_disk(flat.path(), max_files)?;
+        report.path = shown.to_string();
+        report.format = "qcow2";
+        return Ok(report);
+    }
     if let Some(format) = container_format(&head) {
         bail!(
             "{shown} is a {format} image, not a raw disk image; convert it first: \
@@ -210,6 +224,7 @@ pub fn inspect_disk(path: &Path, max_files: usize) -> Result<Report> {
 
     let mut report = Report {
         path: shown.to_string(),
+        format: "raw",
         disk_size_bytes: disk_size,
         partition_table: PartitionTableKind::None,
         sector_size: 512,
@@ -256,6 +271,30 @@ pub fn inspect_disk(path: &Path, max_files: usize) -> Result<Report> {
         debug!("warning: {w}");
     }
     Ok(report)
+}
+
+/// The guest disk of the qcow2 image at `path`, in a sparse temporary file
+/// (zero ranges are holes of the fresh file).
+fn flatten_qcow2(path: &Path) -> Result<tempfile::NamedTempFile> {
+    struct SparseFile<'a>(&'a File);
+    impl qcow2::Sink for SparseFile<'_> {
+        fn write_at(&mut self, guest_offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.0.write_all_at(data, guest_offset)
+        }
+        fn zero(&mut self, _guest_offset: u64, _len: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut file = File::open(path)?;
+    let file_len = file.metadata()?.len();
+    let layout = qcow2::Layout::read(&mut file, file_len, u64::MAX)?;
+    let flat = tempfile::NamedTempFile::new().context("create a temporary file")?;
+    flat.as_file().set_len(layout.virtual_size())?;
+    let start = layout.first_data_offset().unwrap_or(0);
+    let mut stream = std::io::BufReader::with_capacity(1 << 20, File::open(path)?);
+    stream.seek(SeekFrom::Start(start))?;
+    qcow2::copy_data(&layout, stream, start, &mut SparseFile(flat.as_file()))?;
+    Ok(flat)
 }
 
 /// `disk.qcow2` -> `disk.raw` (`disk.raw` -> `disk.raw.raw`), for the
@@ -850,8 +889,13 @@ pub fn render_text(report: &Report) -> String {
     };
     let _ = writeln!(
         out,
-        "{}: {} ({} bytes), {table}",
+        "{}: {}{} ({} bytes), {table}",
         report.path,
+        if report.format == "raw" {
+            ""
+        } else {
+            "qcow2, virtual size "
+        },
         human_size(report.disk_size_bytes),
         report.disk_size_bytes
     );

@@ -468,7 +468,47 @@ fn inputs_that_are_not_raw_disk_images_get_clear_errors() {
         "qemu-img",
         &["create", "-q", "-f", "qcow2", str_of(&qcow2), "1G"],
     );
+    // Read through the qcow2 reader: a blank 1 GiB disk.
     let e = inspect_error(&qcow2);
-    assert!(e.contains("disk.qcow2 is a qcow2 image"), "{e}");
+    assert!(e.contains("holds only zeros"), "{e}");
+
+    let vmdk = dir.path().join("disk.vmdk");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "vmdk", str_of(&vmdk), "1G"],
+    );
+    let e = inspect_error(&vmdk);
+    assert!(e.contains("disk.vmdk is a VMDK image"), "{e}");
     assert!(e.contains("qemu-img convert -O raw"), "{e}");
+}
+
+/// A qcow2 image (zstd-compressed clusters) of the GPT disk reads exactly
+/// as the raw disk: the host uses the agent's qcow2 reader.
+#[test]
+fn qcow2_images_are_read_through_the_qcow2_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = gpt_disk(dir.path());
+    let qcow2 = dir.path().join("disk.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "compression_type=zstd",
+            str_of(&raw),
+            str_of(&qcow2),
+        ],
+    );
+    let mut from_raw = inspect_json(&[str_of(&raw)]);
+    let mut from_qcow2 = inspect_json(&[str_of(&qcow2)]);
+    assert_eq!(from_raw["format"], "raw");
+    assert_eq!(from_qcow2["format"], "qcow2");
+    for report in [&mut from_raw, &mut from_qcow2] {
+        report["path"] = Value::Null;
+        report["format"] = Value::Null;
+    }
+    assert_eq!(from_raw, from_qcow2);
 }
