@@ -496,6 +496,12 @@ mod tests {
     use super::*;
     use std::process::Command;
 
+    fn assert_sgdisk_clean(path: &Path) {
+        let verify = Command::new("sgdisk").arg("-v").arg(path).output().unwrap();
+        let out = String::from_utf8_lossy(&verify.stdout);
+        assert!(out.contains("No problems found"), "{out}");
+    }
+
     #[test]
     fn layout_is_valid_and_compatible_with_the_original() {
         let dir = tempfile::tempdir().unwrap();
@@ -513,13 +519,7 @@ mod tests {
         assert_ne!(p.esp.partuuid, p.root.partuuid);
 
         // sgdisk is the independent judge.
-        let verify = Command::new("sgdisk")
-            .arg("-v")
-            .arg(&path)
-            .output()
-            .unwrap();
-        let out = String::from_utf8_lossy(&verify.stdout);
-        assert!(out.contains("No problems found"), "{out}");
+        assert_sgdisk_clean(&path);
         let info = |n: &str| {
             String::from_utf8_lossy(
                 &Command::new("sgdisk")
@@ -643,13 +643,7 @@ mod tests {
         // Last usable LBA of a 160 MiB disk with 128 entries: total - 34.
         assert_eq!((root.start + root.size) / 512, (160 << 20) / 512 - 33);
 
-        let verify = Command::new("sgdisk")
-            .arg("-v")
-            .arg(&path)
-            .output()
-            .unwrap();
-        let out = String::from_utf8_lossy(&verify.stdout);
-        assert!(out.contains("No problems found"), "{out}");
+        assert_sgdisk_clean(&path);
         // No GPT at all: nothing to do.
         let blank = dir.path().join("blank.img");
         File::create(&blank).unwrap().set_len(8 << 20).unwrap();

@@ -231,14 +231,7 @@ pub fn open(handle: Handle, url: &str, opts: FetchOptions) -> anyhow::Result<Dow
             .into())
         }
     };
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .user_agent(concat!("imgforge-initrd-agent/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| FetchError::Request {
-            url: url.into(),
-            cause: error_cause(&e),
-        })?;
+    let client = http_client(url)?;
 
     let mut backoff = opts.initial_backoff;
     let mut attempt = 1;
@@ -344,14 +337,7 @@ impl RangeReader {
     /// Asks for the first byte to learn the length, and whether the server
     /// honours `Range` at all. Blocking, like [`Download`].
     pub fn open(handle: Handle, url: &str) -> anyhow::Result<RangeReader> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .user_agent(concat!("imgforge-initrd-agent/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| FetchError::Request {
-                url: url.into(),
-                cause: error_cause(&e),
-            })?;
+        let client = http_client(url)?;
         let mut reader = RangeReader {
             handle,
             client,
@@ -463,6 +449,19 @@ impl RangeReader {
             attempt += 1;
         }
     }
+}
+
+/// The agent's HTTP client (rustls with the webpki roots, redirects
+/// followed, a connect timeout).
+fn http_client(url: &str) -> Result<reqwest::Client, FetchError> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .user_agent(concat!("imgforge-initrd-agent/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| FetchError::Request {
+            url: url.into(),
+            cause: error_cause(&e),
+        })
 }
 
 /// What a failed (re)connection means for the download.
