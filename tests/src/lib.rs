@@ -2,6 +2,7 @@
 //! server (QEMU, TCG) booted from the image-creation bootscript with a blank
 //! volume, a metadata server and a done-signal forward.
 
+pub mod fake_scaleway;
 pub mod http_fixture;
 
 use std::net::SocketAddr;

@@ -1,0 +1,1792 @@
+//! An in-process fake of Scaleway's Instance API v1, for contract tests of
+//! the Scaleway provider (this machine cannot reach Scaleway).
+//!
+//! # What it fakes
+//!
+//! The subset of `https://api.scaleway.com/instance/v1/zones/{zone}/…` that an
+//! image build uses, following `reference/scaleway-api.md` §1 and §2–2.4:
+//!
+//! * servers: `POST /servers` (201 `{server}` + `Location`), `GET
+//!   /servers/{id}`, `GET /servers?tags=a,b&name=&state=&project=&page=&per_page=`,
+//!   `PATCH /servers/{id}` (`name`, `tags`), `DELETE /servers/{id}` (204,
+//!   volumes survive);
+//! * actions: `GET /servers/{id}/action` (`{actions[]}`), `POST` the same with
+//!   `{"action": poweron|poweroff|stop_in_place|reboot|terminate}` (202
+//!   `{task}`);
+//! * user data: `GET /servers/{id}/user_data` (`{user_data:[keys]}`),
+//!   `GET|PATCH|DELETE /servers/{id}/user_data/{key}` (raw `text/plain`; 204);
+//! * volumes: `GET /volumes`, `GET|DELETE /volumes/{id}`;
+//! * snapshots: `POST /snapshots` `{name, volume_id, project}` (201
+//!   `{snapshot, task}`), `GET /snapshots`, `GET|DELETE /snapshots/{id}`;
+//! * images: `POST /images` `{name, root_volume, arch, project}` (201
+//!   `{image}`), `GET /images?name=&arch=`, `GET|DELETE /images/{id}`.
+//!
+//! Every request needs `X-Auth-Token` (else 401 `denied_authentication`);
+//! request bodies of `POST`/`PATCH` must be JSON with `Content-Type:
+//! application/json` (user data: `text/plain`). Errors are JSON `{type,
+//! message, …}` with the extra fields of §1 (`details[]` for
+//! `invalid_arguments`, `resource`/`resource_id` for `not_found`, …). Lists
+//! paginate with `page` (from 1) and `per_page` (1..=100, default 50), and
+//! carry `total_count`, `X-Total-Count` and a `Link` header.
+//!
+//! Server states follow §2.2: `stopped` → (`poweron`) `starting` → `running`
+//! → (`poweroff`) `stopping` → `stopped`, or (`stop_in_place`) → `stopped in
+//! place`; `reboot` goes through `starting`; `terminate` shows `stopping` and
+//! then deletes the server with its `l_ssd`/`scratch` volumes (an
+//! `sbs_volume` is only detached). Snapshots go `snapshotting` → `available`,
+//! images `creating` → `available`.
+//!
+//! # Assumptions (where the reference says "unverified" or is silent)
+//!
+//! * Wrong-state actions (e.g. `poweron` on a running server) answer **412**
+//!   `{"type":"precondition_failed","message":"server should be stopped"}`;
+//!   that exact reply was observed from the live API for `poweron` in
+//!   scaleway-cli issue #4827 (2025). Actions on a server in `starting` or
+//!   `stopping` answer 409 `transient_state` (`resource`, `resource_id`,
+//!   `current_state`).
+//! * `DELETE /servers/{id}` of a server that is not `stopped` / `stopped in
+//!   place` is refused the same way: 412 `precondition_failed`, `"server
+//!   should be stopped"`.
+//! * `DELETE /volumes/{id}` of an attached volume, and of a snapshot that an
+//!   image uses, answer 412 `precondition_failed` with `precondition:
+//!   "resource_still_in_use"` and a `help_message`.
+//! * `boot_type: "bootscript"` (and a `bootscript` field) is refused with 400
+//!   `invalid_arguments`, `details[{argument_name:"boot_type",
+//!   reason:"constraint", help_message:"bootscripts are no longer
+//!   supported…"}]`. The reference says the API rejects bootscripts since
+//!   2024 but not with which body; this shape is a guess.
+//! * Snapshotting an `l_ssd` volume whose server is not stopped is refused
+//!   (412 `precondition_failed`, `"server should be stopped"`), as
+//!   Scaleway's console requires for local volumes.
+//! * An image `label` (e.g. `debian_bookworm`) is accepted in `image` only if
+//!   it was configured ([`Builder::image_label`]); an unknown label or
+//!   unknown image UUID is 404 `not_found` (`resource: instance_image`).
+//!   `volumes: {}` is accepted (root volume from the image, 10 GB); new
+//!   volumes other than `"0"` need a `size`.
+//! * A project other than [`FakeScaleway::project`] is 403
+//!   `permissions_denied`. Unknown zones (not in §1's list) are 400
+//!   `invalid_arguments`; other known zones work and are independent.
+//! * Lists are ordered newest first (the API's default
+//!   `creation_date_desc`). `name=` matches a substring; `tags=a,b` matches
+//!   servers that have every listed tag.
+//! * `inject_500` answers a plain-text body (what a gateway error looks
+//!   like), not the JSON error shape.
+//!
+//! # How tests drive it
+//!
+//! ```ignore
+//! let fake = FakeScaleway::builder().delay(Duration::from_millis(50)).start().await;
+//! std::env::set_var("SCW_API_URL", fake.url());   // base URL, no path
+//! // … run the code under test with token fake.secret(), zone fake.zone() …
+//! assert!(fake.servers().is_empty());             // inspection
+//! assert_eq!(fake.calls()[0].path, "/instance/v1/zones/fr-par-1/servers");
+//! ```
+//!
+//! * Time: transitions complete `delay` after the action (default 200 ms),
+//!   or, with [`Builder::manual`] / [`FakeScaleway::set_manual`], only when the
+//!   test calls [`FakeScaleway::advance`]. Transitions are applied lazily, at
+//!   the next request or inspection call.
+//! * Standing in for the guest: [`FakeScaleway::on_poweron`] registers a
+//!   callback that gets the [`Server`] (tags, user data, public address) at
+//!   the moment a `poweron` is accepted; a test can then e.g. serve the
+//!   done line on `127.0.0.1:<port from a tag>`. The public address of every
+//!   server is [`Builder::public_address`] (default 127.0.0.1).
+//! * Faults: [`FakeScaleway::inject_429`] (bare 429: no body, no
+//!   `Retry-After`), [`FakeScaleway::inject_500`], [`FakeScaleway::fail_next`]
+//!   (one response by path prefix; the request has no effect) and
+//!   [`FakeScaleway::fail_next_after_effect`] (the request takes effect, then
+//!   its response is replaced: "created, but the client saw a 502").
+//!   Faults are checked before authentication.
+//! * Observability: [`FakeScaleway::calls`] (every request, in order,
+//!   including refused ones), [`FakeScaleway::servers`], [`volumes`],
+//!   [`snapshots`], [`images`].
+//!
+//! [`volumes`]: FakeScaleway::volumes
+//! [`snapshots`]: FakeScaleway::snapshots
+//! [`images`]: FakeScaleway::images
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use serde_json::{json, Map, Value};
+use tokio::task::JoinHandle;
+
+/// The zones of reference §1.
+pub const ZONES: &[&str] = &[
+    "fr-par-1", "fr-par-2", "fr-par-3", "nl-ams-1", "nl-ams-2", "nl-ams-3", "pl-waw-1", "pl-waw-2",
+    "pl-waw-3", "it-mil-1",
+];
+
+/// Commercial types the fake accepts by default.
+pub const COMMERCIAL_TYPES: &[&str] = &[
+    "DEV1-S",
+    "DEV1-M",
+    "DEV1-L",
+    "DEV1-XL",
+    "PLAY2-PICO",
+    "PLAY2-NANO",
+    "PLAY2-MICRO",
+    "PRO2-XXS",
+    "PRO2-XS",
+    "PRO2-S",
+    "GP1-XS",
+    "GP1-S",
+    "GP1-M",
+    "COPARM1-2C-8G",
+];
+
+const ROOT_SIZE: u64 = 10_000_000_000;
+
+/// One request as the fake received it.
+#[derive(Clone, Debug)]
+pub struct Call {
+    pub method: String,
+    /// The full path, e.g. `/instance/v1/zones/fr-par-1/servers`.
+    pub path: String,
+    /// The raw query string (without `?`), empty if none.
+    pub query: String,
+    /// The body if it parsed as JSON.
+    pub body_json: Option<Value>,
+    /// The answered status.
+    pub status: u16,
+}
+
+/// A server as the fake holds it.
+#[derive(Clone, Debug)]
+pub struct Server {
+    pub id: String,
+    pub name: String,
+    pub zone: String,
+    pub project: String,
+    pub commercial_type: String,
+    pub arch: String,
+    pub state: String,
+    pub state_detail: String,
+    pub boot_type: String,
+    pub tags: Vec<String>,
+    /// The image id (labels are resolved).
+    pub image: String,
+    /// Volume ids by index (`"0"` is the root volume).
+    pub volumes: BTreeMap<u32, String>,
+    /// The public address, if the server has a dynamic IP.
+    pub public_address: Option<IpAddr>,
+    pub public_ip_id: Option<String>,
+    pub mac_address: String,
+    pub user_data: BTreeMap<String, Vec<u8>>,
+    pub creation_date: String,
+    pub modification_date: String,
+}
+
+impl Server {
+    /// The value of a `KEY=value` tag.
+    pub fn tag(&self, key: &str) -> Option<&str> {
+        self.tags
+            .iter()
+            .find_map(|t| t.strip_prefix(key)?.strip_prefix('='))
+    }
+}
+
+/// A volume as the fake holds it.
+#[derive(Clone, Debug)]
+pub struct Volume {
+    pub id: String,
+    pub name: String,
+    pub zone: String,
+    pub project: String,
+    pub size: u64,
+    pub volume_type: String,
+    pub state: String,
+    /// The server it is attached to.
+    pub server: Option<String>,
+    pub creation_date: String,
+}
+
+/// A snapshot as the fake holds it.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub id: String,
+    pub name: String,
+    pub zone: String,
+    pub project: String,
+    pub state: String,
+    pub size: u64,
+    pub volume_type: String,
+    pub base_volume: Option<(String, String)>,
+    pub tags: Vec<String>,
+    pub creation_date: String,
+}
+
+/// An image as the fake holds it.
+#[derive(Clone, Debug)]
+pub struct Image {
+    pub id: String,
+    pub name: String,
+    pub zone: String,
+    pub project: String,
+    pub arch: String,
+    pub state: String,
+    /// The root snapshot's id.
+    pub root_volume: String,
+    pub tags: Vec<String>,
+    pub public: bool,
+    pub creation_date: String,
+}
+
+/// A stock image that a label resolves to (not listed by `GET /images`).
+#[derive(Clone, Debug)]
+struct StockImage {
+    id: String,
+    name: String,
+    arch: String,
+}
+
+type PoweronHook = Arc<dyn Fn(&Server) + Send + Sync>;
+
+#[derive(Clone, Debug)]
+enum Step {
+    ServerTo(&'static str),
+    ServerTerminate,
+    SnapshotAvailable,
+    ImageAvailable,
+}
+
+struct FailRule {
+    prefix: String,
+    status: StatusCode,
+    body: String,
+    after_effect: bool,
+}
+
+struct Config {
+    token: String,
+    zone: String,
+    project: String,
+    organization: String,
+    delay: Option<Duration>,
+    public_address: Option<IpAddr>,
+    labels: BTreeMap<String, StockImage>,
+    commercial_types: Vec<String>,
+}
+
+#[derive(Default)]
+struct State {
+    servers: Vec<Server>,
+    volumes: Vec<Volume>,
+    snapshots: Vec<Snapshot>,
+    images: Vec<Image>,
+    pending: HashMap<String, (Option<Instant>, Step)>,
+    calls: Vec<Call>,
+    n429: u32,
+    n500: u32,
+    fail: VecDeque<FailRule>,
+    tasks: u64,
+}
+
+struct Inner {
+    cfg: Mutex<Config>,
+    state: Mutex<State>,
+    poweron: Mutex<Vec<PoweronHook>>,
+}
+
+/// Configures a fake before it starts.
+pub struct Builder {
+    cfg: Config,
+}
+
+impl Builder {
+    /// The secret key (`X-Auth-Token`) the fake accepts.
+    pub fn token(mut self, token: &str) -> Self {
+        self.cfg.token = token.into();
+        self
+    }
+    /// The zone [`FakeScaleway::zone`] reports (default `fr-par-1`).
+    pub fn zone(mut self, zone: &str) -> Self {
+        self.cfg.zone = zone.into();
+        self
+    }
+    /// The only project the token may use.
+    pub fn project(mut self, project: &str) -> Self {
+        self.cfg.project = project.into();
+        self
+    }
+    /// How long a transition takes (default 200 ms).
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.cfg.delay = Some(delay);
+        self
+    }
+    /// Transitions wait for [`FakeScaleway::advance`].
+    pub fn manual(mut self) -> Self {
+        self.cfg.delay = None;
+        self
+    }
+    /// Every server's public address (`None`: servers get no public IP).
+    pub fn public_address(mut self, addr: Option<IpAddr>) -> Self {
+        self.cfg.public_address = addr;
+        self
+    }
+    /// Accepts `label` in `image` (in addition to `debian_bookworm` and
+    /// `ubuntu_jammy`).
+    pub fn image_label(mut self, label: &str, arch: &str) -> Self {
+        add_label(&mut self.cfg, label, arch);
+        self
+    }
+
+    /// Binds 127.0.0.1:0 and serves in the current tokio runtime.
+    pub async fn start(self) -> FakeScaleway {
+        let inner = Arc::new(Inner {
+            cfg: Mutex::new(self.cfg),
+            state: Mutex::new(State::default()),
+            poweron: Mutex::new(vec![]),
+        });
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind the fake Scaleway API");
+        let addr = listener.local_addr().unwrap();
+        let shared = inner.clone();
+        let app = axum::Router::new().fallback(move |req: Request<Body>| {
+            let shared = shared.clone();
+            async move { handle(shared, req).await }
+        });
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeScaleway { inner, addr, task }
+    }
+}
+
+fn add_label(cfg: &mut Config, label: &str, arch: &str) {
+    cfg.labels.insert(
+        label.into(),
+        StockImage {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: label.replace('_', " "),
+            arch: arch.into(),
+        },
+    );
+}
+
+/// The running fake. Dropping it stops the server.
+pub struct FakeScaleway {
+    inner: Arc<Inner>,
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FakeScaleway {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeScaleway {
+    /// A fake with the defaults (see [`Builder`]).
+    pub async fn start() -> FakeScaleway {
+        Self::builder().start().await
+    }
+
+    pub fn builder() -> Builder {
+        let mut cfg = Config {
+            token: uuid::Uuid::new_v4().to_string(),
+            zone: "fr-par-1".into(),
+            project: uuid::Uuid::new_v4().to_string(),
+            organization: uuid::Uuid::new_v4().to_string(),
+            delay: Some(Duration::from_millis(200)),
+            public_address: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            labels: BTreeMap::new(),
+            commercial_types: COMMERCIAL_TYPES.iter().map(|s| s.to_string()).collect(),
+        };
+        add_label(&mut cfg, "debian_bookworm", "x86_64");
+        add_label(&mut cfg, "ubuntu_jammy", "x86_64");
+        Builder { cfg }
+    }
+
+    /// The base URL (`SCW_API_URL`), e.g. `http://127.0.0.1:40123`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    /// The accepted `X-Auth-Token`.
+    pub fn secret(&self) -> String {
+        self.inner.cfg.lock().unwrap().token.clone()
+    }
+    pub fn zone(&self) -> String {
+        self.inner.cfg.lock().unwrap().zone.clone()
+    }
+    pub fn project(&self) -> String {
+        self.inner.cfg.lock().unwrap().project.clone()
+    }
+    /// `{url}/instance/v1/zones/{zone}`.
+    pub fn zone_url(&self) -> String {
+        format!("{}/instance/v1/zones/{}", self.url(), self.zone())
+    }
+    /// The id a configured image label resolves to.
+    pub fn label_image_id(&self, label: &str) -> Option<String> {
+        let cfg = self.inner.cfg.lock().unwrap();
+        cfg.labels.get(label).map(|i| i.id.clone())
+    }
+
+    /// Transitions complete after `delay`.
+    pub fn set_delay(&self, delay: Duration) {
+        self.inner.cfg.lock().unwrap().delay = Some(delay);
+    }
+    /// Transitions wait for [`FakeScaleway::advance`].
+    pub fn set_manual(&self) {
+        self.inner.cfg.lock().unwrap().delay = None;
+    }
+    /// Completes every pending transition now.
+    pub fn advance(&self) {
+        self.inner.state.lock().unwrap().tick(true);
+    }
+
+    /// The next `n` requests answer 429 with no body and no `Retry-After`.
+    pub fn inject_429(&self, n: u32) {
+        self.inner.state.lock().unwrap().n429 += n;
+    }
+    /// The next `n` requests answer 500 (plain-text body).
+    pub fn inject_500(&self, n: u32) {
+        self.inner.state.lock().unwrap().n500 += n;
+    }
+    /// The next request whose path starts with `path_prefix` answers
+    /// `status` with `body` (JSON, if it parses) and has no effect. A prefix
+    /// that does not start with `/instance/` is relative to the zone, e.g.
+    /// `/snapshots`.
+    pub fn fail_next(&self, path_prefix: &str, status: u16, body: &str) {
+        self.push_fail(path_prefix, status, body, false);
+    }
+    /// Like [`FakeScaleway::fail_next`], but the request takes effect first.
+    pub fn fail_next_after_effect(&self, path_prefix: &str, status: u16, body: &str) {
+        self.push_fail(path_prefix, status, body, true);
+    }
+    fn push_fail(&self, prefix: &str, status: u16, body: &str, after_effect: bool) {
+        self.inner.state.lock().unwrap().fail.push_back(FailRule {
+            prefix: prefix.into(),
+            status: StatusCode::from_u16(status).expect("a valid status"),
+            body: body.into(),
+            after_effect,
+        });
+    }
+
+    /// Calls `hook` each time a `poweron` is accepted (outside the fake's
+    /// locks; the server is in `starting`).
+    pub fn on_poweron(&self, hook: impl Fn(&Server) + Send + Sync + 'static) {
+        self.inner.poweron.lock().unwrap().push(Arc::new(hook));
+    }
+
+    /// Every request so far, in order.
+    pub fn calls(&self) -> Vec<Call> {
+        self.inner.state.lock().unwrap().calls.clone()
+    }
+    pub fn servers(&self) -> Vec<Server> {
+        let mut st = self.inner.state.lock().unwrap();
+        st.tick(false);
+        st.servers.clone()
+    }
+    pub fn server(&self, id: &str) -> Option<Server> {
+        self.servers().into_iter().find(|s| s.id == id)
+    }
+    pub fn volumes(&self) -> Vec<Volume> {
+        let mut st = self.inner.state.lock().unwrap();
+        st.tick(false);
+        st.volumes.clone()
+    }
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        let mut st = self.inner.state.lock().unwrap();
+        st.tick(false);
+        st.snapshots.clone()
+    }
+    pub fn images(&self) -> Vec<Image> {
+        let mut st = self.inner.state.lock().unwrap();
+        st.tick(false);
+        st.images.clone()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Replies
+
+struct Reply {
+    status: StatusCode,
+    headers: Vec<(header::HeaderName, String)>,
+    body: Option<(&'static str, Vec<u8>)>,
+}
+
+impl Reply {
+    fn json(status: StatusCode, v: Value) -> Reply {
+        Reply {
+            status,
+            headers: vec![],
+            body: Some(("application/json", serde_json::to_vec(&v).unwrap())),
+        }
+    }
+    fn empty(status: StatusCode) -> Reply {
+        Reply {
+            status,
+            headers: vec![],
+            body: None,
+        }
+    }
+    fn header(mut self, name: header::HeaderName, value: String) -> Reply {
+        self.headers.push((name, value));
+        self
+    }
+    fn into_response(self) -> Response<Body> {
+        let mut b = Response::builder().status(self.status);
+        for (k, v) in self.headers {
+            b = b.header(k, v);
+        }
+        match self.body {
+            Some((ct, body)) => b
+                .header(header::CONTENT_TYPE, ct)
+                .body(Body::from(body))
+                .unwrap(),
+            None => b.body(Body::empty()).unwrap(),
+        }
+    }
+}
+
+type R = Result<Reply, Reply>;
+
+fn err(status: StatusCode, kind: &str, message: &str, extra: Value) -> Reply {
+    let mut v = json!({"type": kind, "message": message});
+    if let Value::Object(m) = extra {
+        v.as_object_mut().unwrap().extend(m);
+    }
+    Reply::json(status, v)
+}
+
+fn invalid(details: Vec<(&str, &str, String)>) -> Reply {
+    let details: Vec<Value> = details
+        .into_iter()
+        .map(|(arg, reason, help)| {
+            json!({"argument_name": arg, "reason": reason, "help_message": help})
+        })
+        .collect();
+    err(
+        StatusCode::BAD_REQUEST,
+        "invalid_arguments",
+        "invalid argument(s)",
+        json!({ "details": details }),
+    )
+}
+
+fn not_found(resource: &str, id: &str) -> Reply {
+    err(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "resource is not found",
+        json!({"resource": resource, "resource_id": id}),
+    )
+}
+
+fn precondition(message: &str) -> Reply {
+    err(
+        StatusCode::PRECONDITION_FAILED,
+        "precondition_failed",
+        message,
+        json!({}),
+    )
+}
+
+fn still_in_use(help: &str) -> Reply {
+    err(
+        StatusCode::PRECONDITION_FAILED,
+        "precondition_failed",
+        "resource is still in use",
+        json!({"precondition": "resource_still_in_use", "help_message": help}),
+    )
+}
+
+fn transient(resource: &str, id: &str, current: &str) -> Reply {
+    err(
+        StatusCode::CONFLICT,
+        "transient_state",
+        &format!("resource is in a transient state: {current}"),
+        json!({"resource": resource, "resource_id": id, "current_state": current}),
+    )
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_micros(SystemTime::now())
+        .to_string()
+        .replace('Z', "+00:00")
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn is_uuid(s: &str) -> bool {
+    uuid::Uuid::parse_str(s).is_ok() && s.len() == 36
+}
+
+// ---------------------------------------------------------------------------
+// Request handling
+
+struct Req {
+    method: Method,
+    zone: String,
+    /// Path segments after `/instance/v1/zones/{zone}`.
+    segs: Vec<String>,
+    query: Vec<(String, String)>,
+    headers: HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Req {
+    fn q(&self, key: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn content_type(&self) -> &str {
+        self.headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    /// The JSON object body, strictly.
+    fn json(&self) -> Result<Map<String, Value>, Reply> {
+        let ct = self.content_type();
+        if !ct.starts_with("application/json") {
+            return Err(err(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                &format!("Content-Type must be application/json, got {ct:?}"),
+                json!({}),
+            ));
+        }
+        match serde_json::from_slice::<Value>(&self.body) {
+            Ok(Value::Object(m)) => Ok(m),
+            _ => Err(err(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "the body is not a JSON object",
+                json!({}),
+            )),
+        }
+    }
+}
+
+fn parse_query(q: &str) -> Vec<(String, String)> {
+    url::form_urlencoded::parse(q.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+async fn handle(inner: Arc<Inner>, req: Request<Body>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 16 << 20)
+        .await
+        .map(|b| b.to_vec())
+        .unwrap_or_default();
+    let path = parts.uri.path().to_string();
+    let query = parts.uri.query().unwrap_or("").to_string();
+    let mut call = Call {
+        method: parts.method.to_string(),
+        path: path.clone(),
+        query: query.clone(),
+        body_json: serde_json::from_slice(&body).ok(),
+        status: 0,
+    };
+    let (reply, hooks) = {
+        let cfg = inner.cfg.lock().unwrap();
+        let mut st = inner.state.lock().unwrap();
+        // Faults come first: a rate limiter or gateway answers before auth.
+        let zone_rel = path
+            .strip_prefix("/instance/v1/zones/")
+            .and_then(|r| r.find('/').map(|i| r[i..].to_string()))
+            .unwrap_or_default();
+        let rule = st.fail.iter().position(|r| {
+            if r.prefix.starts_with("/instance/") {
+                path.starts_with(&r.prefix)
+            } else {
+                zone_rel.starts_with(&r.prefix)
+            }
+        });
+        let mut replace = None;
+        let fault = if st.n429 > 0 {
+            st.n429 -= 1;
+            Some(Reply::empty(StatusCode::TOO_MANY_REQUESTS))
+        } else if st.n500 > 0 {
+            st.n500 -= 1;
+            Some(Reply {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                headers: vec![],
+                body: Some(("text/plain", b"internal server error".to_vec())),
+            })
+        } else if let Some(i) = rule {
+            let r = st.fail.remove(i).unwrap();
+            let reply = match serde_json::from_str::<Value>(&r.body) {
+                Ok(v) => Reply::json(r.status, v),
+                Err(_) if r.body.is_empty() => Reply::empty(r.status),
+                Err(_) => Reply {
+                    status: r.status,
+                    headers: vec![],
+                    body: Some(("text/plain", r.body.into_bytes())),
+                },
+            };
+            if r.after_effect {
+                replace = Some(reply);
+                None
+            } else {
+                Some(reply)
+            }
+        } else {
+            None
+        };
+        let (reply, hooks) = match fault {
+            Some(f) => (f, vec![]),
+            None => {
+                st.tick(false);
+                let mut fired = vec![];
+                let r = route(&cfg, &mut st, &parts, &path, &query, body, &mut fired);
+                let reply = match r {
+                    Ok(r) | Err(r) => r,
+                };
+                (replace.unwrap_or(reply), fired)
+            }
+        };
+        call.status = reply.status.as_u16();
+        st.calls.push(call);
+        (reply, hooks)
+    };
+    if !hooks.is_empty() {
+        let fns = inner.poweron.lock().unwrap().clone();
+        for server in &hooks {
+            for f in &fns {
+                f(server);
+            }
+        }
+    }
+    reply.into_response()
+}
+
+fn route(
+    cfg: &Config,
+    st: &mut State,
+    parts: &axum::http::request::Parts,
+    path: &str,
+    query: &str,
+    body: Vec<u8>,
+    fired: &mut Vec<Server>,
+) -> R {
+    let token = parts
+        .headers
+        .get("x-auth-token")
+        .and_then(|v| v.to_str().ok());
+    match token {
+        None => {
+            return Err(err(
+                StatusCode::UNAUTHORIZED,
+                "denied_authentication",
+                "authentication is denied",
+                json!({"method": "api_key", "reason": "not_found"}),
+            ))
+        }
+        Some(t) if t != cfg.token => {
+            return Err(err(
+                StatusCode::UNAUTHORIZED,
+                "denied_authentication",
+                "authentication is denied",
+                json!({"method": "api_key", "reason": "invalid_argument"}),
+            ))
+        }
+        Some(_) => {}
+    }
+    let Some(rest) = path.strip_prefix("/instance/v1/zones/") else {
+        return Err(err(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "unknown path",
+            json!({}),
+        ));
+    };
+    let mut segs: Vec<String> = rest.split('/').map(|s| s.to_string()).collect();
+    let zone = segs.remove(0);
+    if !ZONES.contains(&zone.as_str()) {
+        return Err(invalid(vec![(
+            "zone",
+            "constraint",
+            format!("unknown zone {zone:?}"),
+        )]));
+    }
+    if segs.last().is_some_and(|s| s.is_empty()) {
+        segs.pop();
+    }
+    let req = Req {
+        method: parts.method.clone(),
+        zone,
+        segs,
+        query: parse_query(query),
+        headers: parts.headers.clone(),
+        body,
+    };
+    let segs: Vec<&str> = req.segs.iter().map(|s| s.as_str()).collect();
+    let m = &req.method;
+    match (m.as_str(), segs.as_slice()) {
+        ("POST", ["servers"]) => create_server(cfg, st, &req),
+        ("GET", ["servers"]) => list_servers(cfg, st, &req),
+        ("GET", ["servers", id]) => {
+            let s = st.server(&req.zone, id)?;
+            Ok(Reply::json(
+                StatusCode::OK,
+                json!({"server": st.server_json(cfg, s)}),
+            ))
+        }
+        ("PATCH", ["servers", id]) => update_server(cfg, st, &req, id),
+        ("DELETE", ["servers", id]) => delete_server(st, &req, id),
+        ("GET", ["servers", id, "action"]) => {
+            let s = st.server(&req.zone, id)?;
+            Ok(Reply::json(
+                StatusCode::OK,
+                json!({"actions": allowed_actions(&s.state)}),
+            ))
+        }
+        ("POST", ["servers", id, "action"]) => server_action(cfg, st, &req, id, fired),
+        ("GET", ["servers", id, "user_data"]) => {
+            let s = st.server(&req.zone, id)?;
+            let keys: Vec<&String> = s.user_data.keys().collect();
+            Ok(Reply::json(StatusCode::OK, json!({"user_data": keys})))
+        }
+        ("GET", ["servers", id, "user_data", key]) => {
+            let s = st.server(&req.zone, id)?;
+            match s.user_data.get(*key) {
+                Some(v) => Ok(Reply {
+                    status: StatusCode::OK,
+                    headers: vec![],
+                    body: Some(("text/plain", v.clone())),
+                }),
+                None => Err(not_found("instance_user_data", key)),
+            }
+        }
+        ("PATCH", ["servers", id, "user_data", key]) => {
+            st.server(&req.zone, id)?;
+            if !req.content_type().starts_with("text/plain") {
+                return Err(err(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "user data must be sent as text/plain",
+                    json!({}),
+                ));
+            }
+            let s = st.server_mut(&req.zone, id)?;
+            s.user_data.insert(key.to_string(), req.body.clone());
+            Ok(Reply::empty(StatusCode::NO_CONTENT))
+        }
+        ("DELETE", ["servers", id, "user_data", key]) => {
+            let s = st.server_mut(&req.zone, id)?;
+            match s.user_data.remove(*key) {
+                Some(_) => Ok(Reply::empty(StatusCode::NO_CONTENT)),
+                None => Err(not_found("instance_user_data", key)),
+            }
+        }
+        ("GET", ["volumes"]) => {
+            let items: Vec<Value> = st
+                .volumes
+                .iter()
+                .rev()
+                .filter(|v| v.zone == req.zone)
+                .map(|v| st.volume_json(cfg, v))
+                .collect();
+            paginate(&req, "volumes", items)
+        }
+        ("GET", ["volumes", id]) => {
+            let v = st.volume(&req.zone, id)?;
+            Ok(Reply::json(
+                StatusCode::OK,
+                json!({"volume": st.volume_json(cfg, v)}),
+            ))
+        }
+        ("DELETE", ["volumes", id]) => {
+            let v = st.volume(&req.zone, id)?;
+            if v.server.is_some() {
+                return Err(still_in_use("detach the volume from its server first"));
+            }
+            if v.state != "available" {
+                return Err(transient("instance_volume", id, &v.state));
+            }
+            st.volumes.retain(|v| v.id != *id);
+            Ok(Reply::empty(StatusCode::NO_CONTENT))
+        }
+        ("POST", ["snapshots"]) => create_snapshot(cfg, st, &req),
+        ("GET", ["snapshots"]) => {
+            let items: Vec<Value> = st
+                .snapshots
+                .iter()
+                .rev()
+                .filter(|s| s.zone == req.zone)
+                .filter(|s| req.q("name").is_none_or(|n| s.name.contains(n)))
+                .map(|s| snapshot_json(cfg, s))
+                .collect();
+            paginate(&req, "snapshots", items)
+        }
+        ("GET", ["snapshots", id]) => {
+            let s = st.snapshot(&req.zone, id)?;
+            Ok(Reply::json(
+                StatusCode::OK,
+                json!({"snapshot": snapshot_json(cfg, s)}),
+            ))
+        }
+        ("DELETE", ["snapshots", id]) => {
+            let s = st.snapshot(&req.zone, id)?;
+            if s.state == "snapshotting" {
+                return Err(transient("instance_snapshot", id, "snapshotting"));
+            }
+            if st.images.iter().any(|i| i.root_volume == *id) {
+                return Err(still_in_use(
+                    "delete the images that use the snapshot first",
+                ));
+            }
+            st.snapshots.retain(|s| s.id != *id);
+            st.pending.remove(*id);
+            Ok(Reply::empty(StatusCode::NO_CONTENT))
+        }
+        ("POST", ["images"]) => create_image(cfg, st, &req),
+        ("GET", ["images"]) => {
+            let items: Vec<Value> = st
+                .images
+                .iter()
+                .rev()
+                .filter(|i| i.zone == req.zone)
+                .filter(|i| req.q("name").is_none_or(|n| i.name.contains(n)))
+                .filter(|i| req.q("arch").is_none_or(|a| i.arch == a))
+                .map(|i| st.image_json(cfg, i))
+                .collect();
+            paginate(&req, "images", items)
+        }
+        ("GET", ["images", id]) => {
+            let i = st.image(&req.zone, id)?;
+            Ok(Reply::json(
+                StatusCode::OK,
+                json!({"image": st.image_json(cfg, i)}),
+            ))
+        }
+        ("DELETE", ["images", id]) => {
+            let i = st.image(&req.zone, id)?;
+            if i.state == "creating" {
+                return Err(transient("instance_image", id, "creating"));
+            }
+            st.images.retain(|i| i.id != *id);
+            Ok(Reply::empty(StatusCode::NO_CONTENT))
+        }
+        _ => Err(err(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no route for {} {path}", req.method),
+            json!({}),
+        )),
+    }
+}
+
+fn paginate(req: &Req, key: &str, items: Vec<Value>) -> R {
+    let num = |name: &str, default: u64| -> Result<u64, Reply> {
+        match req.q(name) {
+            None => Ok(default),
+            Some(s) => s
+                .parse::<u64>()
+                .map_err(|_| invalid(vec![(name, "format", format!("{name} must be an integer"))])),
+        }
+    };
+    let page = num("page", 1)?;
+    let per_page = num("per_page", 50)?;
+    if page < 1 {
+        return Err(invalid(vec![(
+            "page",
+            "constraint",
+            "page must be at least 1".into(),
+        )]));
+    }
+    if !(1..=100).contains(&per_page) {
+        return Err(invalid(vec![(
+            "per_page",
+            "constraint",
+            "per_page must be between 1 and 100".into(),
+        )]));
+    }
+    let total = items.len() as u64;
+    let start = ((page - 1) * per_page).min(total) as usize;
+    let end = (page * per_page).min(total) as usize;
+    let slice = items[start..end].to_vec();
+    let last = total.div_ceil(per_page).max(1);
+    let base = format!("/instance/v1/zones/{}/{}", req.zone, req.segs.join("/"));
+    let link = |p: u64, rel: &str| format!("<{base}?page={p}&per_page={per_page}>; rel=\"{rel}\"");
+    let mut links = vec![];
+    if page < last {
+        links.push(link(page + 1, "next"));
+    }
+    links.push(link(last, "last"));
+    let mut body = Map::new();
+    body.insert(key.into(), Value::Array(slice));
+    body.insert("total_count".into(), json!(total));
+    Ok(Reply::json(StatusCode::OK, Value::Object(body))
+        .header(
+            header::HeaderName::from_static("x-total-count"),
+            total.to_string(),
+        )
+        .header(header::LINK, links.join(", ")))
+}
+
+fn allowed_actions(state: &str) -> Vec<&'static str> {
+    match state {
+        "stopped" => vec!["poweron", "backup"],
+        "stopped in place" => vec!["poweron", "poweroff", "backup"],
+        "running" => vec!["poweroff", "terminate", "reboot", "stop_in_place", "backup"],
+        _ => vec![],
+    }
+}
+
+fn str_field<'a>(m: &'a Map<String, Value>, k: &str) -> Result<Option<&'a str>, Reply> {
+    match m.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(invalid(vec![(
+            k,
+            "format",
+            format!("{k} must be a string"),
+        )])),
+    }
+}
+
+fn tags_field(m: &Map<String, Value>) -> Result<Option<Vec<String>>, Reply> {
+    match m.get("tags") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|t| t.as_str().map(String::from))
+            .collect::<Option<Vec<_>>>()
+            .map(Some)
+            .ok_or_else(|| invalid(vec![("tags", "format", "tags must be strings".into())])),
+        Some(_) => Err(invalid(vec![(
+            "tags",
+            "format",
+            "tags must be an array of strings".into(),
+        )])),
+    }
+}
+
+fn check_project(cfg: &Config, m: &Map<String, Value>) -> Result<String, Reply> {
+    let p = str_field(m, "project")?;
+    match p {
+        None => Ok(cfg.project.clone()),
+        Some(p) if p == cfg.project => Ok(p.into()),
+        Some(p) if !is_uuid(p) => Err(invalid(vec![(
+            "project",
+            "format",
+            "project must be a UUID".into(),
+        )])),
+        Some(_) => Err(err(
+            StatusCode::FORBIDDEN,
+            "permissions_denied",
+            "insufficient permissions",
+            json!({"details": [{"resource": "instance_server", "action": "write"}]}),
+        )),
+    }
+}
+
+fn create_server(cfg: &Config, st: &mut State, req: &Req) -> R {
+    let m = req.json()?;
+    let mut details = vec![];
+    for k in ["commercial_type", "image", "volumes"] {
+        if m.get(k).is_none_or(|v| v.is_null()) {
+            details.push((k, "required", format!("{k} is required")));
+        }
+    }
+    if !details.is_empty() {
+        return Err(invalid(details));
+    }
+    let boot_type = str_field(&m, "boot_type")?.unwrap_or("local").to_string();
+    if boot_type == "bootscript" || m.get("bootscript").is_some_and(|v| !v.is_null()) {
+        return Err(invalid(vec![(
+            "boot_type",
+            "constraint",
+            "bootscripts are no longer supported: use boot_type local or rescue".into(),
+        )]));
+    }
+    if !["local", "rescue"].contains(&boot_type.as_str()) {
+        return Err(invalid(vec![(
+            "boot_type",
+            "constraint",
+            "boot_type must be local or rescue".into(),
+        )]));
+    }
+    let commercial_type = str_field(&m, "commercial_type")?.unwrap().to_string();
+    if !cfg.commercial_types.contains(&commercial_type) {
+        return Err(invalid(vec![(
+            "commercial_type",
+            "constraint",
+            format!("unknown commercial type {commercial_type:?}"),
+        )]));
+    }
+    let project = check_project(cfg, &m)?;
+    let tags = tags_field(&m)?.unwrap_or_default();
+    let image_ref = str_field(&m, "image")?.unwrap();
+    let (image_id, image_arch, root_size) = if is_uuid(image_ref) {
+        if let Some(i) = cfg.labels.values().find(|i| i.id == image_ref) {
+            (i.id.clone(), i.arch.clone(), ROOT_SIZE)
+        } else {
+            let img = st
+                .images
+                .iter()
+                .find(|i| i.id == image_ref && i.zone == req.zone)
+                .ok_or_else(|| not_found("instance_image", image_ref))?;
+            if img.state != "available" {
+                return Err(transient("instance_image", image_ref, &img.state));
+            }
+            let size = st
+                .snapshots
+                .iter()
+                .find(|s| s.id == img.root_volume)
+                .map_or(ROOT_SIZE, |s| s.size);
+            (img.id.clone(), img.arch.clone(), size)
+        }
+    } else {
+        let i = cfg
+            .labels
+            .get(image_ref)
+            .ok_or_else(|| not_found("instance_image", image_ref))?;
+        (i.id.clone(), i.arch.clone(), ROOT_SIZE)
+    };
+    let Some(Value::Object(vols)) = m.get("volumes") else {
+        return Err(invalid(vec![(
+            "volumes",
+            "format",
+            "volumes must be an object keyed \"0\", \"1\"…".into(),
+        )]));
+    };
+    let id = new_id();
+    let name = str_field(&m, "name")?
+        .map(String::from)
+        .unwrap_or_else(|| format!("scw-{}", &id[..8]));
+    // Validate every volume before creating anything.
+    let mut new_vols: BTreeMap<u32, Volume> = BTreeMap::new();
+    let mut attach: BTreeMap<u32, String> = BTreeMap::new();
+    for (k, v) in vols {
+        let idx: u32 = k.parse().map_err(|_| {
+            invalid(vec![(
+                "volumes",
+                "format",
+                format!("volume key {k:?} is not an index"),
+            )])
+        })?;
+        let Value::Object(v) = v else {
+            return Err(invalid(vec![(
+                "volumes",
+                "format",
+                format!("volumes[{k}] must be an object"),
+            )]));
+        };
+        if let Some(vid) = str_field(v, "id")? {
+            let existing = st.volume(&req.zone, vid)?;
+            if existing.server.is_some() {
+                return Err(still_in_use("the volume is attached to another server"));
+            }
+            attach.insert(idx, vid.to_string());
+            continue;
+        }
+        let volume_type = str_field(v, "volume_type")?.unwrap_or("l_ssd").to_string();
+        if !["l_ssd", "sbs_volume", "scratch"].contains(&volume_type.as_str()) {
+            return Err(invalid(vec![(
+                "volume_type",
+                "constraint",
+                format!("volume type {volume_type:?} is not supported"),
+            )]));
+        }
+        let size = match v.get("size") {
+            None | Some(Value::Null) if idx == 0 => root_size,
+            None | Some(Value::Null) => {
+                return Err(invalid(vec![(
+                    "size",
+                    "required",
+                    format!("volumes[{k}].size is required"),
+                )]))
+            }
+            Some(s) => s.as_u64().filter(|s| *s > 0).ok_or_else(|| {
+                invalid(vec![(
+                    "size",
+                    "format",
+                    "size must be a positive integer (bytes)".into(),
+                )])
+            })?,
+        };
+        if idx == 0 && size < root_size {
+            return Err(invalid(vec![(
+                "size",
+                "constraint",
+                format!("the root volume must be at least {root_size} bytes"),
+            )]));
+        }
+        new_vols.insert(
+            idx,
+            Volume {
+                id: new_id(),
+                name: str_field(v, "name")?
+                    .map(String::from)
+                    .unwrap_or_else(|| format!("{name}-vol-{idx}")),
+                zone: req.zone.clone(),
+                project: project.clone(),
+                size,
+                volume_type,
+                state: "available".into(),
+                server: Some(id.clone()),
+                creation_date: now_rfc3339(),
+            },
+        );
+    }
+    if !new_vols.contains_key(&0) && !attach.contains_key(&0) {
+        new_vols.insert(
+            0,
+            Volume {
+                id: new_id(),
+                name: format!("{name}-vol-0"),
+                zone: req.zone.clone(),
+                project: project.clone(),
+                size: root_size,
+                volume_type: "l_ssd".into(),
+                state: "available".into(),
+                server: Some(id.clone()),
+                creation_date: now_rfc3339(),
+            },
+        );
+    }
+    let mut volumes = BTreeMap::new();
+    for (idx, vid) in attach {
+        st.volumes.iter_mut().find(|v| v.id == vid).unwrap().server = Some(id.clone());
+        volumes.insert(idx, vid);
+    }
+    for (idx, v) in new_vols {
+        volumes.insert(idx, v.id.clone());
+        st.volumes.push(v);
+    }
+    let dynamic = m
+        .get("dynamic_ip_required")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(true);
+    let public_address = if dynamic { cfg.public_address } else { None };
+    let now = now_rfc3339();
+    let server = Server {
+        id: id.clone(),
+        name: name.clone(),
+        zone: req.zone.clone(),
+        project,
+        commercial_type,
+        arch: image_arch,
+        state: "stopped".into(),
+        state_detail: String::new(),
+        boot_type,
+        tags,
+        image: image_id,
+        volumes,
+        public_address,
+        public_ip_id: public_address.map(|_| new_id()),
+        mac_address: format!(
+            "de:00:00:{:02x}:{:02x}:{:02x}",
+            id.as_bytes()[0],
+            id.as_bytes()[1],
+            id.as_bytes()[2]
+        ),
+        user_data: BTreeMap::new(),
+        creation_date: now.clone(),
+        modification_date: now,
+    };
+    let body = json!({"server": st.server_json(cfg, &server)});
+    st.servers.push(server);
+    Ok(Reply::json(StatusCode::CREATED, body).header(
+        header::LOCATION,
+        format!("/instance/v1/zones/{}/servers/{id}", req.zone),
+    ))
+}
+
+fn list_servers(cfg: &Config, st: &mut State, req: &Req) -> R {
+    let tags: Vec<&str> = req
+        .q("tags")
+        .map(|t| t.split(',').filter(|s| !s.is_empty()).collect())
+        .unwrap_or_default();
+    let items: Vec<Value> = st
+        .servers
+        .iter()
+        .rev()
+        .filter(|s| s.zone == req.zone)
+        .filter(|s| tags.iter().all(|t| s.tags.iter().any(|x| x == t)))
+        .filter(|s| req.q("name").is_none_or(|n| s.name.contains(n)))
+        .filter(|s| req.q("state").is_none_or(|n| s.state == n))
+        .filter(|s| req.q("project").is_none_or(|n| s.project == n))
+        .map(|s| st.server_json(cfg, s))
+        .collect();
+    paginate(req, "servers", items)
+}
+
+fn update_server(cfg: &Config, st: &mut State, req: &Req, id: &str) -> R {
+    st.server(&req.zone, id)?;
+    let m = req.json()?;
+    let name = str_field(&m, "name")?.map(String::from);
+    let tags = tags_field(&m)?;
+    if str_field(&m, "boot_type")? == Some("bootscript") {
+        return Err(invalid(vec![(
+            "boot_type",
+            "constraint",
+            "bootscripts are no longer supported: use boot_type local or rescue".into(),
+        )]));
+    }
+    let s = st.server_mut(&req.zone, id)?;
+    if let Some(n) = name {
+        s.name = n;
+    }
+    if let Some(t) = tags {
+        s.tags = t;
+    }
+    s.modification_date = now_rfc3339();
+    let s = st.server(&req.zone, id)?;
+    Ok(Reply::json(
+        StatusCode::OK,
+        json!({"server": st.server_json(cfg, s)}),
+    ))
+}
+
+fn delete_server(st: &mut State, req: &Req, id: &str) -> R {
+    let s = st.server(&req.zone, id)?;
+    match s.state.as_str() {
+        "stopped" | "stopped in place" => {}
+        "starting" | "stopping" => return Err(transient("instance_server", id, &s.state)),
+        _ => return Err(precondition("server should be stopped")),
+    }
+    st.servers.retain(|s| s.id != id);
+    st.pending.remove(id);
+    for v in st.volumes.iter_mut() {
+        if v.server.as_deref() == Some(id) {
+            v.server = None;
+        }
+    }
+    Ok(Reply::empty(StatusCode::NO_CONTENT))
+}
+
+fn server_action(cfg: &Config, st: &mut State, req: &Req, id: &str, fired: &mut Vec<Server>) -> R {
+    let m = req.json()?;
+    let Some(action) = str_field(&m, "action")? else {
+        return Err(invalid(vec![(
+            "action",
+            "required",
+            "action is required".into(),
+        )]));
+    };
+    let known = [
+        "poweron",
+        "poweroff",
+        "stop_in_place",
+        "reboot",
+        "terminate",
+        "backup",
+        "enable_routed_ip",
+    ];
+    if !known.contains(&action) {
+        return Err(invalid(vec![(
+            "action",
+            "constraint",
+            format!("unknown action {action:?}"),
+        )]));
+    }
+    let s = st.server(&req.zone, id)?;
+    if ["starting", "stopping"].contains(&s.state.as_str()) {
+        return Err(transient("instance_server", id, &s.state));
+    }
+    if !allowed_actions(&s.state).contains(&action) {
+        let message = if s.state == "running" {
+            "server should be stopped"
+        } else {
+            "server should be running"
+        };
+        return Err(precondition(message));
+    }
+    let (now_state, step) = match action {
+        "poweron" | "reboot" => ("starting", Step::ServerTo("running")),
+        "poweroff" => ("stopping", Step::ServerTo("stopped")),
+        "stop_in_place" => ("stopping", Step::ServerTo("stopped in place")),
+        "terminate" => ("stopping", Step::ServerTerminate),
+        _ => {
+            return Err(invalid(vec![(
+                "action",
+                "constraint",
+                format!("the fake does not implement {action:?}"),
+            )]))
+        }
+    };
+    let due = cfg.delay.map(|d| Instant::now() + d);
+    st.pending.insert(id.to_string(), (due, step));
+    let s = st.server_mut(&req.zone, id)?;
+    s.state = now_state.into();
+    s.modification_date = now_rfc3339();
+    if action == "poweron" {
+        fired.push(s.clone());
+    }
+    let task = st.task(
+        &req.zone,
+        &format!("server_{action}"),
+        &format!("/servers/{id}/action"),
+        &format!("/servers/{id}"),
+    );
+    Ok(Reply::json(StatusCode::ACCEPTED, json!({ "task": task })))
+}
+
+fn create_snapshot(cfg: &Config, st: &mut State, req: &Req) -> R {
+    let m = req.json()?;
+    if m.contains_key("bucket") {
+        return Err(invalid(vec![(
+            "bucket",
+            "unknown",
+            "the fake does not import snapshots from Object Storage".into(),
+        )]));
+    }
+    let Some(volume_id) = str_field(&m, "volume_id")? else {
+        return Err(invalid(vec![(
+            "volume_id",
+            "required",
+            "volume_id is required".into(),
+        )]));
+    };
+    let project = check_project(cfg, &m)?;
+    let tags = tags_field(&m)?.unwrap_or_default();
+    let vol = st.volume(&req.zone, volume_id)?.clone();
+    if vol.state != "available" {
+        return Err(transient("instance_volume", volume_id, &vol.state));
+    }
+    if let Some(sid) = &vol.server {
+        let server = st.server(&req.zone, sid)?;
+        if vol.volume_type != "sbs_volume"
+            && !["stopped", "stopped in place"].contains(&server.state.as_str())
+        {
+            return Err(precondition("server should be stopped"));
+        }
+    }
+    let id = new_id();
+    let name = str_field(&m, "name")?
+        .map(String::from)
+        .unwrap_or_else(|| format!("snp-{}", &id[..8]));
+    let volume_type = str_field(&m, "volume_type")?
+        .unwrap_or(&vol.volume_type)
+        .to_string();
+    let snap = Snapshot {
+        id: id.clone(),
+        name,
+        zone: req.zone.clone(),
+        project,
+        state: "snapshotting".into(),
+        size: vol.size,
+        volume_type,
+        base_volume: Some((vol.id.clone(), vol.name.clone())),
+        tags,
+        creation_date: now_rfc3339(),
+    };
+    st.volumes
+        .iter_mut()
+        .find(|v| v.id == vol.id)
+        .unwrap()
+        .state = "snapshotting".into();
+    st.pending.insert(
+        id.clone(),
+        (
+            cfg.delay.map(|d| Instant::now() + d),
+            Step::SnapshotAvailable,
+        ),
+    );
+    let body = json!({
+        "snapshot": snapshot_json(cfg, &snap),
+        "task": st.task(&req.zone, "volume_snapshot", &format!("/volumes/{}", vol.id), &format!("/snapshots/{id}")),
+    });
+    st.snapshots.push(snap);
+    Ok(Reply::json(StatusCode::CREATED, body))
+}
+
+fn create_image(cfg: &Config, st: &mut State, req: &Req) -> R {
+    let m = req.json()?;
+    let mut details = vec![];
+    for k in ["name", "root_volume", "arch"] {
+        if m.get(k).is_none_or(|v| v.is_null()) {
+            details.push((k, "required", format!("{k} is required")));
+        }
+    }
+    if !details.is_empty() {
+        return Err(invalid(details));
+    }
+    if m.contains_key("default_bootscript") {
+        return Err(invalid(vec![(
+            "default_bootscript",
+            "unknown",
+            "bootscripts are no longer supported".into(),
+        )]));
+    }
+    let name = str_field(&m, "name")?.unwrap().to_string();
+    let arch = str_field(&m, "arch")?.unwrap().to_string();
+    if !["x86_64", "arm", "arm64"].contains(&arch.as_str()) {
+        return Err(invalid(vec![(
+            "arch",
+            "constraint",
+            "arch must be x86_64, arm or arm64".into(),
+        )]));
+    }
+    let root = str_field(&m, "root_volume")?.unwrap().to_string();
+    let project = check_project(cfg, &m)?;
+    let tags = tags_field(&m)?.unwrap_or_default();
+    let snap = st.snapshot(&req.zone, &root)?;
+    if snap.state != "available" {
+        return Err(transient("instance_snapshot", &root, &snap.state));
+    }
+    let id = new_id();
+    let img = Image {
+        id: id.clone(),
+        name,
+        zone: req.zone.clone(),
+        project,
+        arch,
+        state: "creating".into(),
+        root_volume: root,
+        tags,
+        public: m.get("public").and_then(|p| p.as_bool()).unwrap_or(false),
+        creation_date: now_rfc3339(),
+    };
+    st.pending.insert(
+        id.clone(),
+        (cfg.delay.map(|d| Instant::now() + d), Step::ImageAvailable),
+    );
+    let body = json!({"image": st.image_json(cfg, &img)});
+    st.images.push(img);
+    Ok(Reply::json(StatusCode::CREATED, body).header(
+        header::LOCATION,
+        format!("/instance/v1/zones/{}/images/{id}", req.zone),
+    ))
+}
+
+fn snapshot_json(cfg: &Config, s: &Snapshot) -> Value {
+    json!({
+        "id": s.id,
+        "name": s.name,
+        "organization": cfg.organization,
+        "project": s.project,
+        "state": s.state,
+        "size": s.size,
+        "volume_type": s.volume_type,
+        "base_volume": s.base_volume.as_ref().map(|(id, name)| json!({"id": id, "name": name})),
+        "tags": s.tags,
+        "zone": s.zone,
+        "error_reason": null,
+        "creation_date": s.creation_date,
+        "modification_date": s.creation_date,
+    })
+}
+
+impl State {
+    /// Applies due transitions (all of them with `force`).
+    fn tick(&mut self, force: bool) {
+        let now = Instant::now();
+        let due: Vec<(String, Step)> = self
+            .pending
+            .iter()
+            .filter(|(_, (at, _))| at.map_or(force, |at| force || at <= now))
+            .map(|(id, (_, step))| (id.clone(), step.clone()))
+            .collect();
+        for (id, step) in due {
+            self.pending.remove(&id);
+            let date = now_rfc3339();
+            match step {
+                Step::ServerTo(state) => {
+                    if let Some(s) = self.servers.iter_mut().find(|s| s.id == id) {
+                        s.state = state.into();
+                        s.modification_date = date;
+                    }
+                }
+                Step::ServerTerminate => {
+                    self.servers.retain(|s| s.id != id);
+                    self.volumes.retain(|v| {
+                        v.server.as_deref() != Some(&id) || v.volume_type == "sbs_volume"
+                    });
+                    for v in self.volumes.iter_mut() {
+                        if v.server.as_deref() == Some(&id) {
+                            v.server = None;
+                        }
+                    }
+                }
+                Step::SnapshotAvailable => {
+                    if let Some(s) = self.snapshots.iter_mut().find(|s| s.id == id) {
+                        s.state = "available".into();
+                        if let Some((vid, _)) = &s.base_volume {
+                            if let Some(v) = self.volumes.iter_mut().find(|v| &v.id == vid) {
+                                v.state = "available".into();
+                            }
+                        }
+                    }
+                }
+                Step::ImageAvailable => {
+                    if let Some(i) = self.images.iter_mut().find(|i| i.id == id) {
+                        i.state = "available".into();
+                    }
+                }
+            }
+        }
+    }
+
+    fn task(&mut self, zone: &str, description: &str, from: &str, result: &str) -> Value {
+        self.tasks += 1;
+        json!({
+            "id": new_id(),
+            "description": description,
+            "status": "pending",
+            "href_from": from,
+            "href_result": result,
+            "progress": 0,
+            "started_at": now_rfc3339(),
+            "terminated_at": null,
+            "zone": zone,
+        })
+    }
+
+    fn server(&self, zone: &str, id: &str) -> Result<&Server, Reply> {
+        self.servers
+            .iter()
+            .find(|s| s.id == id && s.zone == zone)
+            .ok_or_else(|| not_found("instance_server", id))
+    }
+    fn server_mut(&mut self, zone: &str, id: &str) -> Result<&mut Server, Reply> {
+        self.servers
+            .iter_mut()
+            .find(|s| s.id == id && s.zone == zone)
+            .ok_or_else(|| not_found("instance_server", id))
+    }
+    fn volume(&self, zone: &str, id: &str) -> Result<&Volume, Reply> {
+        self.volumes
+            .iter()
+            .find(|v| v.id == id && v.zone == zone)
+            .ok_or_else(|| not_found("instance_volume", id))
+    }
+    fn snapshot(&self, zone: &str, id: &str) -> Result<&Snapshot, Reply> {
+        self.snapshots
+            .iter()
+            .find(|s| s.id == id && s.zone == zone)
+            .ok_or_else(|| not_found("instance_snapshot", id))
+    }
+    fn image(&self, zone: &str, id: &str) -> Result<&Image, Reply> {
+        self.images
+            .iter()
+            .find(|i| i.id == id && i.zone == zone)
+            .ok_or_else(|| not_found("instance_image", id))
+    }
+
+    fn volume_json(&self, cfg: &Config, v: &Volume) -> Value {
+        let server = v.server.as_ref().map(|sid| {
+            let name = self
+                .servers
+                .iter()
+                .find(|s| &s.id == sid)
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+            json!({"id": sid, "name": name})
+        });
+        json!({
+            "id": v.id,
+            "name": v.name,
+            "size": v.size,
+            "volume_type": v.volume_type,
+            "state": v.state,
+            "server": server,
+            "organization": cfg.organization,
+            "project": v.project,
+            "zone": v.zone,
+            "export_uri": null,
+            "tags": [],
+            "creation_date": v.creation_date,
+            "modification_date": v.creation_date,
+        })
+    }
+
+    fn image_json(&self, cfg: &Config, i: &Image) -> Value {
+        let root = self.snapshots.iter().find(|s| s.id == i.root_volume);
+        json!({
+            "id": i.id,
+            "name": i.name,
+            "arch": i.arch,
+            "state": i.state,
+            "root_volume": {
+                "id": i.root_volume,
+                "name": root.map(|s| s.name.clone()).unwrap_or_default(),
+                "size": root.map_or(0, |s| s.size),
+                "volume_type": root.map(|s| s.volume_type.clone()).unwrap_or_default(),
+            },
+            "extra_volumes": {},
+            "from_server": "",
+            "public": i.public,
+            "tags": i.tags,
+            "organization": cfg.organization,
+            "project": i.project,
+            "zone": i.zone,
+            "creation_date": i.creation_date,
+            "modification_date": i.creation_date,
+            "default_bootscript": null,
+        })
+    }
+
+    fn server_json(&self, cfg: &Config, s: &Server) -> Value {
+        let mut volumes = Map::new();
+        for (idx, vid) in &s.volumes {
+            if let Some(v) = self.volumes.iter().find(|v| &v.id == vid) {
+                let mut j = self.volume_json(cfg, v);
+                j["boot"] = json!(*idx == 0);
+                j["server"] = json!({"id": s.id, "name": s.name});
+                volumes.insert(idx.to_string(), j);
+            }
+        }
+        let image = match cfg.labels.values().find(|i| i.id == s.image) {
+            Some(i) => json!({"id": i.id, "name": i.name, "arch": i.arch, "public": true,
+                               "state": "available", "zone": s.zone}),
+            None => match self.images.iter().find(|i| i.id == s.image) {
+                Some(i) => self.image_json(cfg, i),
+                None => json!({"id": s.image}),
+            },
+        };
+        let public_ip = s.public_address.map(|a| {
+            json!({
+                "id": s.public_ip_id,
+                "address": a.to_string(),
+                "gateway": "62.210.0.1",
+                "netmask": "32",
+                "family": if a.is_ipv4() { "inet" } else { "inet6" },
+                "dynamic": true,
+                "provisioning_mode": "dhcp",
+            })
+        });
+        json!({
+            "id": s.id,
+            "name": s.name,
+            "hostname": s.name,
+            "organization": cfg.organization,
+            "project": s.project,
+            "commercial_type": s.commercial_type,
+            "arch": s.arch,
+            "state": s.state,
+            "state_detail": s.state_detail,
+            "boot_type": s.boot_type,
+            "tags": s.tags,
+            "allowed_actions": allowed_actions(&s.state),
+            "image": image,
+            "volumes": volumes,
+            "public_ip": public_ip,
+            "public_ips": public_ip.iter().collect::<Vec<_>>(),
+            "dynamic_ip_required": s.public_address.is_some(),
+            "private_ip": null,
+            "ipv6": null,
+            "mac_address": s.mac_address,
+            "location": {"zone_id": s.zone, "cluster_id": "1", "hypervisor_id": "1", "node_id": "1", "platform_id": "1"},
+            "zone": s.zone,
+            "creation_date": s.creation_date,
+            "modification_date": s.modification_date,
+            "bootscript": null,
+            "security_group": {"id": "00000000-0000-0000-0000-000000000000", "name": "default"},
+            "placement_group": null,
+            "private_nics": [],
+            "protected": false,
+            "routed_ip_enabled": true,
+        })
+    }
+}

@@ -1,0 +1,463 @@
+//! Contract tests of the fake Scaleway Instance API, with plain reqwest: the
+//! fake must answer what reference/scaleway-api.md documents.
+
+use std::time::Duration;
+
+use reqwest::{Client, Method, StatusCode};
+use serde_json::{json, Value};
+use tests::fake_scaleway::FakeScaleway;
+
+struct Api {
+    fake: FakeScaleway,
+    http: Client,
+}
+
+impl Api {
+    async fn new(fake: FakeScaleway) -> Api {
+        Api {
+            fake,
+            http: Client::new(),
+        }
+    }
+
+    /// Sends `method` to the zone-relative `path` with the right token.
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.fake.zone_url()))
+            .header("X-Auth-Token", self.fake.secret());
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, v)
+    }
+
+    async fn create_server(&self, name: &str, tags: &[&str]) -> Value {
+        let (st, v) = self
+            .call(
+                Method::POST,
+                "/servers",
+                Some(json!({
+                    "name": name,
+                    "commercial_type": "DEV1-S",
+                    "image": "debian_bookworm",
+                    "project": self.fake.project(),
+                    "tags": tags,
+                    "volumes": {"1": {"size": 20_000_000_000u64, "volume_type": "l_ssd"}},
+                })),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        v["server"].clone()
+    }
+
+    async fn action(&self, id: &str, action: &str) -> (StatusCode, Value) {
+        self.call(
+            Method::POST,
+            &format!("/servers/{id}/action"),
+            Some(json!({ "action": action })),
+        )
+        .await
+    }
+
+    /// Polls `path` until `field.state` is `want`.
+    async fn wait_state(&self, path: &str, field: &str, want: &str) -> Value {
+        for _ in 0..100 {
+            let (st, v) = self.call(Method::GET, path, None).await;
+            assert_eq!(st, StatusCode::OK, "{v}");
+            if v[field]["state"] == want {
+                return v[field].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{path} never reached {want}");
+    }
+}
+
+async fn fast() -> Api {
+    Api::new(
+        FakeScaleway::builder()
+            .delay(Duration::from_millis(50))
+            .start()
+            .await,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn auth_is_required() {
+    let api = fast().await;
+    let url = format!("{}/servers", api.fake.zone_url());
+    for token in [None, Some("wrong")] {
+        let mut req = api.http.get(&url);
+        if let Some(t) = token {
+            req = req.header("X-Auth-Token", t);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["type"], "denied_authentication");
+        assert!(v["message"].is_string());
+    }
+    let (st, _) = api.call(Method::GET, "/servers", None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(api.fake.calls().len(), 3);
+}
+
+#[tokio::test]
+async fn create_server_validates_required_fields() {
+    let api = fast().await;
+    let (st, v) = api.call(Method::POST, "/servers", Some(json!({}))).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(v["type"], "invalid_arguments");
+    let mut args: Vec<&str> = v["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            assert_eq!(d["reason"], "required");
+            assert!(d["help_message"].is_string());
+            d["argument_name"].as_str().unwrap()
+        })
+        .collect();
+    args.sort();
+    assert_eq!(args, ["commercial_type", "image", "volumes"]);
+
+    // Not JSON: refused.
+    let resp = api
+        .http
+        .post(format!("{}/servers", api.fake.zone_url()))
+        .header("X-Auth-Token", api.fake.secret())
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    // Unknown label.
+    let (st, v) = api
+        .call(
+            Method::POST,
+            "/servers",
+            Some(json!({"commercial_type": "DEV1-S", "image": "no_such_label", "volumes": {}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(v["resource"], "instance_image");
+    assert!(api.fake.servers().is_empty());
+    assert!(api.fake.volumes().is_empty());
+}
+
+#[tokio::test]
+async fn bootscript_boot_type_is_refused() {
+    let api = fast().await;
+    let (st, v) = api
+        .call(
+            Method::POST,
+            "/servers",
+            Some(json!({
+                "commercial_type": "DEV1-S",
+                "image": "debian_bookworm",
+                "boot_type": "bootscript",
+                "volumes": {},
+            })),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(v["type"], "invalid_arguments");
+    assert_eq!(v["details"][0]["argument_name"], "boot_type");
+    assert!(v["details"][0]["help_message"]
+        .as_str()
+        .unwrap()
+        .contains("no longer supported"));
+    assert!(api.fake.servers().is_empty());
+}
+
+#[tokio::test]
+async fn create_and_poweron_reaches_running() {
+    let api = fast().await;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+    let s2 = seen.clone();
+    api.fake.on_poweron(move |s| {
+        s2.lock()
+            .unwrap()
+            .push(s.tag("build_method").map(String::from))
+    });
+
+    let resp = api
+        .http
+        .post(format!("{}/servers", api.fake.zone_url()))
+        .header("X-Auth-Token", api.fake.secret())
+        .json(&json!({
+            "name": "helper",
+            "commercial_type": "DEV1-S",
+            "image": "debian_bookworm",
+            "tags": ["build_method=from-rootfs"],
+            "volumes": {"1": {"size": 20_000_000_000u64, "volume_type": "l_ssd"}},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let location = resp.headers()["location"].to_str().unwrap().to_string();
+    let v: Value = resp.json().await.unwrap();
+    let s = &v["server"];
+    let id = s["id"].as_str().unwrap();
+    assert!(location.ends_with(&format!("/servers/{id}")));
+    assert_eq!(s["state"], "stopped");
+    assert_eq!(s["bootscript"], Value::Null);
+    assert_eq!(s["boot_type"], "local");
+    assert_eq!(s["public_ip"]["address"], "127.0.0.1");
+    assert_eq!(s["volumes"]["0"]["boot"], true);
+    assert_eq!(s["volumes"]["1"]["size"], 20_000_000_000u64);
+    assert_eq!(s["volumes"]["1"]["server"]["id"], id);
+    assert_eq!(s["allowed_actions"], json!(["poweron", "backup"]));
+
+    // User data: text/plain, 204.
+    let ud = format!("{}/servers/{id}/user_data/cloud-init", api.fake.zone_url());
+    let resp = api
+        .http
+        .patch(&ud)
+        .header("X-Auth-Token", api.fake.secret())
+        .header("Content-Type", "text/plain")
+        .body("#cloud-config\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let (_, v) = api
+        .call(Method::GET, &format!("/servers/{id}/user_data"), None)
+        .await;
+    assert_eq!(v, json!({"user_data": ["cloud-init"]}));
+    let body = api
+        .http
+        .get(&ud)
+        .header("X-Auth-Token", api.fake.secret())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body, "#cloud-config\n");
+
+    let (st, v) = api.action(id, "poweron").await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["task"]["status"], "pending");
+    assert_eq!(*seen.lock().unwrap(), [Some("from-rootfs".to_string())]);
+    let (_, v) = api.call(Method::GET, &format!("/servers/{id}"), None).await;
+    assert_eq!(v["server"]["state"], "starting");
+    // Wrong state while starting.
+    let (st, v) = api.action(id, "poweron").await;
+    assert_eq!(st, StatusCode::CONFLICT, "{v}");
+    assert_eq!(v["type"], "transient_state");
+
+    let s = api
+        .wait_state(&format!("/servers/{id}"), "server", "running")
+        .await;
+    assert!(s["allowed_actions"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("terminate")));
+    let (st, v) = api.action(id, "poweron").await;
+    assert_eq!(st, StatusCode::PRECONDITION_FAILED);
+    assert_eq!(
+        v,
+        json!({"type": "precondition_failed", "message": "server should be stopped"})
+    );
+
+    let (st, _) = api.action(id, "stop_in_place").await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    api.wait_state(&format!("/servers/{id}"), "server", "stopped in place")
+        .await;
+}
+
+#[tokio::test]
+async fn list_by_tags_paginates() {
+    let api = fast().await;
+    for i in 0..5 {
+        api.create_server(&format!("tagged-{i}"), &["imgforge", "build=1"])
+            .await;
+    }
+    api.create_server("other", &["imgforge"]).await;
+    let mut names = vec![];
+    for page in 1..=3 {
+        let resp = api
+            .http
+            .get(format!(
+                "{}/servers?tags=imgforge,build=1&page={page}&per_page=2",
+                api.fake.zone_url()
+            ))
+            .header("X-Auth-Token", api.fake.secret())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["x-total-count"], "5");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["total_count"], 5);
+        let servers = v["servers"].as_array().unwrap();
+        assert_eq!(servers.len(), if page < 3 { 2 } else { 1 });
+        names.extend(
+            servers
+                .iter()
+                .map(|s| s["name"].as_str().unwrap().to_string()),
+        );
+    }
+    names.sort();
+    assert_eq!(
+        names,
+        ["tagged-0", "tagged-1", "tagged-2", "tagged-3", "tagged-4"]
+    );
+    let (st, v) = api.call(Method::GET, "/servers?per_page=101", None).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(v["details"][0]["argument_name"], "per_page");
+    let (_, v) = api.call(Method::GET, "/servers?name=other", None).await;
+    assert_eq!(v["total_count"], 1);
+}
+
+#[tokio::test]
+async fn snapshot_then_image_become_available() {
+    let api = fast().await;
+    let s = api.create_server("helper", &[]).await;
+    let vol = s["volumes"]["1"]["id"].as_str().unwrap();
+    let (st, v) = api
+        .call(
+            Method::POST,
+            "/snapshots",
+            Some(json!({"name": "snap", "volume_id": vol, "project": api.fake.project()})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(v["snapshot"]["state"], "snapshotting");
+    assert!(v["task"]["id"].is_string());
+    let snap = v["snapshot"]["id"].as_str().unwrap().to_string();
+    // An image from a snapshot that is not ready yet: refused.
+    let body = json!({"name": "img", "root_volume": snap, "arch": "x86_64", "project": api.fake.project()});
+    let (st, _) = api.call(Method::POST, "/images", Some(body.clone())).await;
+    assert_eq!(st, StatusCode::CONFLICT);
+    let sj = api
+        .wait_state(&format!("/snapshots/{snap}"), "snapshot", "available")
+        .await;
+    assert_eq!(sj["size"], 20_000_000_000u64);
+    assert_eq!(sj["base_volume"]["id"], vol);
+
+    let (st, v) = api.call(Method::POST, "/images", Some(body)).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(v["image"]["state"], "creating");
+    let img = v["image"]["id"].as_str().unwrap().to_string();
+    let ij = api
+        .wait_state(&format!("/images/{img}"), "image", "available")
+        .await;
+    assert_eq!(ij["root_volume"]["id"], snap);
+    let (_, v) = api.call(Method::GET, "/images?name=img", None).await;
+    assert_eq!(v["total_count"], 1);
+    // The snapshot is in use; deleting the image leaves it.
+    let (st, v) = api
+        .call(Method::DELETE, &format!("/snapshots/{snap}"), None)
+        .await;
+    assert_eq!(st, StatusCode::PRECONDITION_FAILED, "{v}");
+    let (st, _) = api
+        .call(Method::DELETE, &format!("/images/{img}"), None)
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    assert_eq!(api.fake.snapshots().len(), 1);
+    assert!(api.fake.images().is_empty());
+}
+
+#[tokio::test]
+async fn injected_429s_are_bare() {
+    let api = fast().await;
+    api.fake.inject_429(2);
+    for _ in 0..2 {
+        let resp = api
+            .http
+            .get(format!("{}/servers", api.fake.zone_url()))
+            .header("X-Auth-Token", api.fake.secret())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(resp.headers().get("retry-after").is_none());
+        assert!(resp.bytes().await.unwrap().is_empty());
+    }
+    let (st, _) = api.call(Method::GET, "/servers", None).await;
+    assert_eq!(st, StatusCode::OK);
+
+    api.fake
+        .fail_next("/snapshots", 503, r#"{"type":"unknown","message":"x"}"#);
+    let (st, _) = api.call(Method::GET, "/servers", None).await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, v) = api.call(Method::GET, "/snapshots", None).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(v["type"], "unknown");
+    let statuses: Vec<u16> = api.fake.calls().iter().map(|c| c.status).collect();
+    assert_eq!(statuses, [429, 429, 200, 200, 503]);
+}
+
+#[tokio::test]
+async fn terminate_removes_server_and_local_volumes() {
+    let api = Api::new(FakeScaleway::builder().manual().start().await).await;
+    let s = api.create_server("helper", &[]).await;
+    let id = s["id"].as_str().unwrap();
+    assert_eq!(api.fake.volumes().len(), 2);
+    // Terminate is not allowed on a stopped server.
+    let (st, _) = api.action(id, "terminate").await;
+    assert_eq!(st, StatusCode::PRECONDITION_FAILED);
+    api.action(id, "poweron").await;
+    api.fake.advance();
+    assert_eq!(api.fake.server(id).unwrap().state, "running");
+    let (st, _) = api.action(id, "terminate").await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    assert_eq!(api.fake.server(id).unwrap().state, "stopping");
+    api.fake.advance();
+    let (st, v) = api.call(Method::GET, &format!("/servers/{id}"), None).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert_eq!(v["resource"], "instance_server");
+    assert!(api.fake.servers().is_empty());
+    assert!(api.fake.volumes().is_empty());
+}
+
+#[tokio::test]
+async fn delete_of_running_server_is_refused_and_volumes_survive() {
+    let api = Api::new(FakeScaleway::builder().manual().start().await).await;
+    let s = api.create_server("helper", &[]).await;
+    let id = s["id"].as_str().unwrap();
+    let vol = s["volumes"]["1"]["id"].as_str().unwrap();
+    api.action(id, "poweron").await;
+    api.fake.advance();
+    let (st, v) = api
+        .call(Method::DELETE, &format!("/servers/{id}"), None)
+        .await;
+    assert_eq!(st, StatusCode::PRECONDITION_FAILED);
+    assert_eq!(v["type"], "precondition_failed");
+    // Attached volumes cannot be deleted.
+    let (st, v) = api
+        .call(Method::DELETE, &format!("/volumes/{vol}"), None)
+        .await;
+    assert_eq!(st, StatusCode::PRECONDITION_FAILED);
+    assert_eq!(v["precondition"], "resource_still_in_use");
+
+    api.action(id, "poweroff").await;
+    api.fake.advance();
+    let (st, _) = api
+        .call(Method::DELETE, &format!("/servers/{id}"), None)
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    assert_eq!(api.fake.volumes().len(), 2);
+    for v in api.fake.volumes() {
+        assert_eq!(v.server, None);
+        let (st, _) = api
+            .call(Method::DELETE, &format!("/volumes/{}", v.id), None)
+            .await;
+        assert_eq!(st, StatusCode::NO_CONTENT);
+    }
+    assert!(api.fake.volumes().is_empty());
+}
