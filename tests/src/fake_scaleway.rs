@@ -89,8 +89,11 @@
 //! * Standing in for the guest: [`FakeScaleway::on_poweron`] registers a
 //!   callback that gets the [`Server`] (tags, user data, public address) at
 //!   the moment a `poweron` is accepted; a test can then e.g. serve the
-//!   done line on `127.0.0.1:<port from a tag>`. The public address of every
-//!   server is [`Builder::public_address`] (default 127.0.0.1).
+//!   done line on `127.0.0.1:<port from a tag>`. The hook runs on a tokio
+//!   worker of the fake, so it may `tokio::spawn`; it must not block. The
+//!   public address of every server is [`Builder::public_address`] (default
+//!   127.0.0.1). [`FakeScaleway::set_state_detail`] plays the guest's
+//!   `PATCH /state`.
 //! * Faults: [`FakeScaleway::inject_429`] (bare 429: no body, no
 //!   `Retry-After`), [`FakeScaleway::inject_500`], [`FakeScaleway::fail_next`]
 //!   (one response by path prefix; the request has no effect) and
@@ -473,6 +476,20 @@ impl FakeScaleway {
     /// locks; the server is in `starting`).
     pub fn on_poweron(&self, hook: impl Fn(&Server) + Send + Sync + 'static) {
         self.inner.poweron.lock().unwrap().push(Arc::new(hook));
+    }
+
+    /// Sets a server's `state_detail`, as the guest's `PATCH /state` to the
+    /// metadata API would (that the API mirrors it is likely but
+    /// unverified, reference §4). Returns false if there is no such server.
+    pub fn set_state_detail(&self, server_id: &str, detail: &str) -> bool {
+        let mut st = self.inner.state.lock().unwrap();
+        match st.servers.iter_mut().find(|s| s.id == server_id) {
+            Some(s) => {
+                s.state_detail = detail.into();
+                true
+            }
+            None => false,
+        }
     }
 
     /// Every request so far, in order.

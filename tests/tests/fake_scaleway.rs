@@ -461,3 +461,94 @@ async fn delete_of_running_server_is_refused_and_volumes_survive() {
     }
     assert!(api.fake.volumes().is_empty());
 }
+
+/// The intended use of the guest hook: the test reads the done port from
+/// the server's tags and serves the done line on the server's public
+/// address, as the image-creation initrd would.
+#[tokio::test]
+async fn poweron_hook_stands_in_for_the_guest() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let api = fast().await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let listener = std::sync::Mutex::new(Some(listener));
+    api.fake.on_poweron(move |s| {
+        assert_eq!(
+            s.tag("signal_build_done_port"),
+            Some(port.to_string().as_str())
+        );
+        let l =
+            tokio::net::TcpListener::from_std(listener.lock().unwrap().take().unwrap()).unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                let _ = c
+                    .write_all(b"{\"status\": \"0\", \"message\": \"done\"}\n")
+                    .await;
+            }
+        });
+    });
+    let tag = format!("signal_build_done_port={port}");
+    let s = api.create_server("helper", &[&tag]).await;
+    let id = s["id"].as_str().unwrap();
+    api.action(id, "poweron").await;
+    let s = api
+        .wait_state(&format!("/servers/{id}"), "server", "running")
+        .await;
+    assert!(api.fake.set_state_detail(id, "booted"));
+    let (_, v) = api.call(Method::GET, &format!("/servers/{id}"), None).await;
+    assert_eq!(v["server"]["state_detail"], "booted");
+    let addr = format!("{}:{port}", s["public_ip"]["address"].as_str().unwrap());
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut line = String::new();
+    c.read_to_string(&mut line).await.unwrap_or_default();
+    assert!(line.contains("\"message\": \"done\""), "{line}");
+}
+
+/// "Created, but the client saw a 502": the server exists and can be found
+/// by tag; a 500 has no effect and a plain-text body.
+#[tokio::test]
+async fn faults_after_effect_and_500() {
+    let api = fast().await;
+    api.fake.fail_next_after_effect("/servers", 502, "");
+    let (st, v) = api
+        .call(
+            Method::POST,
+            "/servers",
+            Some(
+                json!({"commercial_type": "DEV1-S", "image": "debian_bookworm",
+                        "tags": ["imgforge-build=42"], "volumes": {}}),
+            ),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_GATEWAY);
+    assert_eq!(v, Value::Null);
+    let (_, v) = api
+        .call(Method::GET, "/servers?tags=imgforge-build=42", None)
+        .await;
+    assert_eq!(v["total_count"], 1);
+    assert_eq!(api.fake.servers().len(), 1);
+
+    api.fake.inject_500(1);
+    let (st, v) = api
+        .call(
+            Method::POST,
+            "/servers",
+            Some(json!({"commercial_type": "DEV1-S", "image": "debian_bookworm", "volumes": {}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(v.is_string());
+    assert_eq!(api.fake.servers().len(), 1);
+    let calls = api.fake.calls();
+    assert_eq!(calls[0].method, "POST");
+    assert_eq!(
+        calls[0].path,
+        format!("/instance/v1/zones/{}/servers", api.fake.zone())
+    );
+    assert_eq!(calls[1].query, "tags=imgforge-build=42");
+    assert_eq!(
+        calls[0].body_json.as_ref().unwrap()["tags"][0],
+        "imgforge-build=42"
+    );
+}
