@@ -9,6 +9,9 @@ pub mod api;
 pub mod client;
 pub mod config;
 
+#[cfg(test)]
+mod tests;
+
 pub use api::{
     Image, ImageState, Server, ServerAction, ServerState, Snapshot, SnapshotState, Volume,
 };
