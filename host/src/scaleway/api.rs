@@ -437,12 +437,13 @@ impl Client {
         Ok(envelope.server)
     }
 
-    /// Every server of the project carrying all of `tags`.
+    /// Every server of the project carrying all of `tags` (every server of
+    /// the project when `tags` is empty).
     pub async fn list_servers_by_tags(&self, tags: &[String]) -> Result<Vec<Server>, Error> {
-        let query = [
-            ("project", self.project_id().to_string()),
-            ("tags", tags.join(",")),
-        ];
+        let mut query = vec![("project", self.project_id().to_string())];
+        if !tags.is_empty() {
+            query.push(("tags", tags.join(",")));
+        }
         self.list_all("/servers", &query, "servers").await
     }
 
