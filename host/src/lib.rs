@@ -14,4 +14,5 @@ pub mod provider;
 pub mod qemu;
 pub mod resources;
 pub mod rootfs;
+pub mod scaleway;
 pub mod serve;
