@@ -210,7 +210,7 @@ mod tests {
                 "nls_ascii"
             ]
         );
-        assert_eq!(b.initrd.tools, ["mke2fs"]);
+        assert_eq!(b.initrd.tools, ["mke2fs", "e2fsck", "resize2fs"]);
         assert_eq!(b.initrd.files, [PathBuf::from("/etc/mke2fs.conf")]);
     }
 
