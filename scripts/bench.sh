@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks: sizes and boot timings of the image-creation initrd; from-rootfs throughput and peak memory;
-# local build time of a Debian rootfs against virt-make-fs.
+# from-qcow2 throughput against qemu-img convert; local build time of a Debian rootfs against virt-make-fs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -21,5 +21,7 @@ cargo build -q --profile agent --target x86_64-unknown-linux-musl -p initrd-agen
 cargo build -q --release -p host
 cargo bench -p tests --bench agent_boot
 cargo bench -p tests --bench from_rootfs
+# Needs root (it drops the page cache); makes its test images once, in target/bench-qcow2/.
+cargo bench -p tests --bench from_qcow2
 # Needs `imgforge build`: with an imgforge that lacks it, this bench says so and exits non-zero.
 cargo bench -p tests --bench local_build
