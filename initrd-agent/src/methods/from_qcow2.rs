@@ -269,7 +269,8 @@ impl<'a> VolumeSink<'a> {
     }
 
     /// Zeroes a range: BLKZEROOUT on a block device (the device may do it
-    /// without moving the bytes), plain zero writes on a file.
+    /// without moving the bytes), a punched hole in a file (no data written
+    /// or allocated), plain zero writes where neither works.
     fn zero(&mut self, offset: u64, len: u64) -> anyhow::Result<()> {
         self.check_fits(offset, len)?;
         if self.volume.is_block_device && offset.is_multiple_of(512) && len.is_multiple_of(512) {
@@ -278,6 +279,18 @@ impl<'a> VolumeSink<'a> {
             unsafe { blk_zeroout(self.volume.file.as_raw_fd(), &range) }
                 .with_context(|| format!("zero {len} bytes at {offset}"))?;
             return Ok(());
+        }
+        if !self.volume.is_block_device {
+            let punched = nix::fcntl::fallocate(
+                self.volume.file.as_raw_fd(),
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset as i64,
+                len as i64,
+            );
+            if punched.is_ok() {
+                return Ok(());
+            }
         }
         let zeros = vec![0u8; (len.min(1 << 20)) as usize];
         let mut done = 0u64;
