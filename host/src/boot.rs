@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::accel::AccelChoice;
-use crate::qemu::{Accel, UefiVm};
+use crate::qemu::UefiVm;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BootArgs {
@@ -40,7 +40,7 @@ static RUNNING_QEMU: AtomicU32 = AtomicU32::new(0);
 
 pub fn run_boot(args: BootArgs, json: bool) -> Result<()> {
     let accel = crate::accel::resolve(args.accel)?;
-    let disk = resolve_target(&args.target, accel)?;
+    let disk = resolve_target(&args.target, args.accel)?;
     let pattern =
         regex::Regex::new(&args.expect).with_context(|| format!("--expect '{}'", args.expect))?;
     let dir = tempfile::tempdir().context("create a temporary directory")?;
@@ -100,7 +100,7 @@ pub fn run_boot(args: BootArgs, json: bool) -> Result<()> {
 
 /// A file is booted as is; anything else names a local provider image,
 /// whose snapshot file is booted (read-only, like any disk here).
-fn resolve_target(target: &str, accel: Accel) -> Result<PathBuf> {
+fn resolve_target(target: &str, accel: AccelChoice) -> Result<PathBuf> {
     let path = Path::new(target);
     if path.is_file() {
         return Ok(path.to_path_buf());

@@ -57,7 +57,7 @@ impl ProviderArgs {
     /// Opens the local provider (commands that only exist locally).
     pub fn open_local(&self) -> Result<LocalProvider> {
         let home = crate::provider::local::store::Store::default_home()?;
-        LocalProvider::open(&home, crate::accel::resolve(self.accel)?)
+        LocalProvider::open(&home, self.accel)
     }
 }
 

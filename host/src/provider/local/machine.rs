@@ -126,14 +126,6 @@ pub fn stop(files: &MachineFiles, pid: u32, name: &str, powerdown: Option<Durati
     }
 }
 
-/// Kills the QEMU `pid` at once (interrupted commands).
-pub fn kill_now(pid: u32, name: &str) {
-    if is_alive(pid, name) {
-        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-        wait_gone(pid, name, Duration::from_secs(5));
-    }
-}
-
 type QmpStream<'a> = qapi::Qmp<qapi::Stream<std::io::BufReader<&'a UnixStream>, &'a UnixStream>>;
 
 /// Connects to the server's QMP socket, negotiates, runs `f`.

@@ -29,6 +29,7 @@ use super::{
     now_rfc3339, Boot, Image, Provider, Server, ServerSpec, ServerState, Snapshot, Volume,
     VolumeSpec,
 };
+use crate::accel::AccelChoice;
 use crate::qemu::{self, Accel, GuestCommand, GuestForward, PortForward, UserNet};
 
 /// Where a server reaches the host services of its spec.
@@ -59,7 +60,9 @@ impl ExportFormat {
 
 pub struct LocalProvider {
     store: Store,
-    accel: Accel,
+    /// Resolved when a server starts, not when the provider opens: listing
+    /// images must not pay for a KVM probe.
+    accel: AccelChoice,
     /// imgforge itself: QEMU runs it per guest connection (metadata, bridge).
     exe: PathBuf,
 }
@@ -67,21 +70,10 @@ pub struct LocalProvider {
 impl LocalProvider {
     /// The provider over the state directory `home`, starting servers with
     /// `accel`.
-    pub fn open(home: &Path, accel: Accel) -> Result<LocalProvider> {
+    pub fn open(home: &Path, accel: AccelChoice) -> Result<LocalProvider> {
         let store = Store::open(home)?;
         let exe = std::env::current_exe().context("locate the imgforge executable")?;
         Ok(LocalProvider { store, accel, exe })
-    }
-
-    /// Like [`LocalProvider::open`], with another executable answering the
-    /// guest's connections (tests run from a test binary, not imgforge).
-    pub fn with_exe(mut self, exe: PathBuf) -> Self {
-        self.exe = exe;
-        self
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.store
     }
 
     /// The qcow2 file holding a snapshot (for `imgforge boot IMAGE`).
@@ -114,19 +106,6 @@ impl LocalProvider {
             }
         })
         .await
-    }
-
-    /// Kills every QEMU process of `ids` at once, without QMP (the command
-    /// was interrupted and must not wait).
-    pub fn kill_servers_now(&self, ids: &[String]) {
-        for id in ids {
-            let files = MachineFiles::new(&self.store.server_dir(id));
-            if let Ok(pid) = std::fs::read_to_string(files.pid_file()) {
-                if let Ok(pid) = pid.trim().parse() {
-                    machine::kill_now(pid, &machine::process_name(id));
-                }
-            }
-        }
     }
 
     /// The server's record with its runtime refreshed: a QEMU that exited
@@ -176,6 +155,7 @@ impl LocalProvider {
         &self,
         record: &ServerRecord,
         endpoints: &BTreeMap<u16, SocketAddr>,
+        accel: Accel,
     ) -> Result<Command> {
         let dir = self.store.server_dir(&record.id);
         let files = MachineFiles::new(&dir);
@@ -223,7 +203,7 @@ impl LocalProvider {
                 disks,
                 memory_mib: record.memory_mib,
                 cpus,
-                accel: self.accel,
+                accel,
                 net,
                 serial_log: files.console_log(),
             }
@@ -233,7 +213,7 @@ impl LocalProvider {
                     disk: disks[0].clone(),
                     memory_mib: record.memory_mib,
                     cpus,
-                    accel: self.accel,
+                    accel,
                     vars: dir.join("OVMF_VARS.fd"),
                     serial_log: files.console_log(),
                     snapshot: false,
@@ -362,6 +342,8 @@ impl LocalProvider {
     }
 
     fn start_server_blocking(&self, id: &str) -> Result<Server> {
+        // Before the lock: a first KVM probe takes seconds.
+        let accel = crate::accel::resolve(self.accel)?;
         let locked = self.store.lock()?;
         let mut record: ServerRecord = locked.read(Kind::Server, id)?;
         self.refresh(&mut record);
@@ -380,7 +362,7 @@ impl LocalProvider {
                 .iter()
                 .map(|p| Ok((*p, qemu::free_loopback_port()?)))
                 .collect::<Result<BTreeMap<_, _>>>()?;
-            let cmd = self.machine_command(&record, &endpoints)?;
+            let cmd = self.machine_command(&record, &endpoints, accel)?;
             match machine::launch(cmd, &files, &name) {
                 Ok(pid) => break (pid, endpoints),
                 Err(e) if attempt < 3 && format!("{e:#}").contains("host forwarding") => {
@@ -398,7 +380,7 @@ impl LocalProvider {
         record.runtime = Some(Runtime {
             pid,
             endpoints,
-            accel: format!("{:?}", self.accel).to_lowercase(),
+            accel: format!("{accel:?}").to_lowercase(),
             started_at: now_rfc3339(),
             stopping: false,
         });
