@@ -1,14 +1,14 @@
 //! The data pass: one forward read of the file, guest bytes out to a sink.
 
-use std::io::{self, Read};
+use std::io::{self, BufRead};
 
 use crate::error::{Error, Result};
 use crate::header::Compression;
 use crate::layout::{Extent, Layout};
 
-/// Plain data is read and written in pieces of up to this many bytes (or one
-/// cluster, if clusters are larger), so that images with small clusters
-/// still make large writes.
+/// Plain data goes to the sink in pieces of at most this many bytes, and at
+/// most what the stream's buffer holds: contiguous clusters make one write
+/// whatever the cluster size.
 pub const DATA_CHUNK: u64 = 1024 * 1024;
 
 /// Where [`copy_data`] puts the guest disk.
@@ -59,13 +59,12 @@ pub struct CopyStats {
 /// [`Sink::write_at`] in file order; compressed clusters are decompressed
 /// to exactly one cluster (or fail with [`Error::BadCompressedCluster`]).
 ///
-/// Memory: one buffer of `max(DATA_CHUNK, cluster size)` bytes for the
-/// stream window, grown to the largest compressed cluster bound (at most
-/// twice the cluster size) if needed, plus one cluster for decompression,
-/// plus the decoder's state (zstd: at most an 8 MiB window).
-/// `stream` is read with exact-size reads; give it a buffer (or make it a
-/// network body) if small reads are expensive.
-pub fn copy_data<R: Read, S: Sink + ?Sized>(
+/// Memory: plain data goes from the stream's own buffer to the sink without
+/// a copy, in pieces no larger than that buffer (so give the stream a large
+/// one, 1 MiB for example); a compressed cluster is gathered into a buffer
+/// of its bound (at most twice the cluster size), then inflated into one
+/// cluster, plus the decoder's state (zstd: at most an 8 MiB window).
+pub fn copy_data<R: BufRead, S: Sink + ?Sized>(
     layout: &Layout,
     stream: R,
     stream_offset: u64,
@@ -92,7 +91,6 @@ pub fn copy_data<R: Read, S: Sink + ?Sized>(
         }
     }
 
-    let chunk = DATA_CHUNK.max(layout.cluster_size());
     let mut window = Window::new(stream, stream_offset);
     let mut decompressor = Decompressor::default();
     let mut cluster = Vec::new();
@@ -104,18 +102,14 @@ pub fn copy_data<R: Read, S: Sink + ?Sized>(
                 host_offset,
                 len,
             } => {
-                let mut done = 0;
-                while done < len {
-                    let piece = (len - done).min(chunk);
-                    let bytes = window.get(host_offset + done, piece)?;
-                    let at = guest_offset + done;
+                window.pass_through(host_offset, len, |file_offset, bytes| {
+                    let at = guest_offset + (file_offset - host_offset);
                     sink.write_at(at, bytes).map_err(|source| Error::Write {
                         guest_offset: at,
-                        len: piece,
+                        len: bytes.len() as u64,
                         source,
-                    })?;
-                    done += piece;
-                }
+                    })
+                })?;
                 stats.bytes_written += len;
             }
             Extent::Compressed {
@@ -158,7 +152,7 @@ struct Window<R> {
     buf: Vec<u8>,
 }
 
-impl<R: Read> Window<R> {
+impl<R: BufRead> Window<R> {
     fn new(stream: R, stream_offset: u64) -> Window<R> {
         Window {
             stream,
@@ -172,9 +166,9 @@ impl<R: Read> Window<R> {
         self.start + self.buf.len() as u64
     }
 
-    /// The file bytes `offset..offset + len`, dropping what comes before
-    /// `offset` and reading (or skipping) forward as needed.
-    fn get(&mut self, offset: u64, len: u64) -> Result<&[u8]> {
+    /// Moves the window's start to `offset`, dropping what comes before it
+    /// and skipping forward in the stream as needed.
+    fn seek_forward(&mut self, offset: u64) -> Result<()> {
         if offset < self.start {
             // The layout orders and checks extents so that this cannot happen.
             return Err(Error::corrupt(format!(
@@ -191,7 +185,12 @@ impl<R: Read> Window<R> {
             self.buf.drain(..(offset - self.start) as usize);
         }
         self.start = offset;
+        Ok(())
+    }
 
+    /// The file bytes `offset..offset + len`, gathered in the window.
+    fn get(&mut self, offset: u64, len: u64) -> Result<&[u8]> {
+        self.seek_forward(offset)?;
         let have = self.buf.len();
         let len = len as usize;
         if have < len {
@@ -206,17 +205,65 @@ impl<R: Read> Window<R> {
         Ok(self.buf.get(..len).unwrap_or_default())
     }
 
-    /// Reads and discards `len` bytes.
+    /// Hands the file bytes `offset..offset + len` to `out` in pieces, each
+    /// with its file offset, straight from the stream's buffer (what the
+    /// window already holds first), and moves past them.
+    fn pass_through(
+        &mut self,
+        offset: u64,
+        len: u64,
+        mut out: impl FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.seek_forward(offset)?;
+        let mut at = offset;
+        let stop = offset + len;
+        let held = (self.buf.len() as u64).min(len) as usize;
+        if held > 0 {
+            out(at, self.buf.get(..held).unwrap_or_default())?;
+            self.buf.drain(..held);
+            at += held as u64;
+            self.start = at;
+        }
+        while at < stop {
+            let available = match self.stream.fill_buf() {
+                Ok(bytes) => bytes,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(stream_error(error, at, stop)),
+            };
+            if available.is_empty() {
+                return Err(Error::DataStreamEnded {
+                    offset: at,
+                    needed: stop,
+                });
+            }
+            let n = (stop - at).min(DATA_CHUNK).min(available.len() as u64) as usize;
+            out(at, available.get(..n).unwrap_or_default())?;
+            self.stream.consume(n);
+            at += n as u64;
+            self.start = at;
+        }
+        Ok(())
+    }
+
+    /// Reads and discards `len` bytes (the window is empty).
     fn skip(&mut self, len: u64) -> Result<()> {
-        let at = self.end();
-        let skipped = io::copy(&mut (&mut self.stream).take(len), &mut io::sink())
-            .map_err(|error| stream_error(error, at, at + len))?;
-        self.start = at + skipped;
-        if skipped < len {
-            return Err(Error::DataStreamEnded {
-                offset: self.start,
-                needed: at + len,
-            });
+        let from = self.end();
+        let stop = from + len;
+        while self.start < stop {
+            let available = match self.stream.fill_buf() {
+                Ok(bytes) => bytes.len() as u64,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(stream_error(error, self.start, stop)),
+            };
+            if available == 0 {
+                return Err(Error::DataStreamEnded {
+                    offset: self.start,
+                    needed: stop,
+                });
+            }
+            let n = (stop - self.start).min(available);
+            self.stream.consume(n as usize);
+            self.start += n;
         }
         Ok(())
     }

@@ -64,10 +64,11 @@
 //! table is read in 512 KiB chunks, L2 tables in groups of at most 1 MiB or
 //! one table, two L1 entries may not share an L2 table, and each L2 entry
 //! yields at most one extent) and by the virtual size, never by a header
-//! field alone. [`copy_data`] holds one buffer of `max(1 MiB, cluster)` (up
-//! to twice a cluster for a compressed cluster's bound), one cluster for
-//! decompression, and the zstd decoder's window, which a frame may not ask
-//! to be larger than 8 MiB (libzstd would allow 128 MiB).
+//! field alone. [`copy_data`] passes plain data from the stream's own
+//! buffer to the sink; it holds one buffer for a compressed cluster's bound
+//! (up to twice a cluster), one cluster for decompression, and the zstd
+//! decoder's window, which a frame may not ask to be larger than 8 MiB
+//! (libzstd would allow 128 MiB).
 //!
 //! # What is refused, and what is accepted
 //!
