@@ -172,6 +172,17 @@ impl Progress {
     }
 }
 
+/// Runs `future` to completion on `handle` with a time limit. The timer is
+/// created inside the runtime, so this works from any thread that is not
+/// one of the runtime's own workers.
+fn block_on_timeout<F: std::future::Future>(
+    handle: &Handle,
+    limit: Duration,
+    future: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    handle.block_on(async move { tokio::time::timeout(limit, future).await })
+}
+
 /// An HTTP(S) download read as a blocking stream.
 ///
 /// `read` calls `Handle::block_on`, so it must run outside the runtime's
@@ -236,10 +247,7 @@ pub fn open(handle: Handle, url: &str, opts: FetchOptions) -> anyhow::Result<Dow
     let mut backoff = opts.initial_backoff;
     let mut attempt = 1;
     let response = loop {
-        let sent = handle.block_on(tokio::time::timeout(
-            opts.stall_timeout,
-            client.get(url).send(),
-        ));
+        let sent = block_on_timeout(&handle, opts.stall_timeout, client.get(url).send());
         let retryable = match sent {
             Ok(Ok(resp)) if resp.status().is_success() => break resp,
             Ok(Ok(resp)) => {
@@ -380,20 +388,18 @@ impl RangeReader {
         let mut backoff = Duration::from_millis(500);
         let mut attempt = 1;
         loop {
-            let sent = self
-                .handle
-                .block_on(tokio::time::timeout(Duration::from_secs(30), async {
-                    let resp = self
-                        .client
-                        .get(&self.url)
-                        .header(RANGE, &range)
-                        .send()
-                        .await?;
-                    let status = resp.status();
-                    let content_range = resp.headers().get(CONTENT_RANGE).cloned();
-                    let body = resp.bytes().await?;
-                    Ok::<_, reqwest::Error>((status, content_range, body))
-                }));
+            let sent = block_on_timeout(&self.handle, Duration::from_secs(30), async {
+                let resp = self
+                    .client
+                    .get(&self.url)
+                    .header(RANGE, &range)
+                    .send()
+                    .await?;
+                let status = resp.status();
+                let content_range = resp.headers().get(CONTENT_RANGE).cloned();
+                let body = resp.bytes().await?;
+                Ok::<_, reqwest::Error>((status, content_range, body))
+            });
             let cause = match sent {
                 Ok(Ok((StatusCode::PARTIAL_CONTENT, content_range, body))) => {
                     let total = content_range
@@ -544,9 +550,7 @@ impl Download {
                 }
             }
             let resp = self.response.as_mut().expect("connected above");
-            let next = self
-                .handle
-                .block_on(tokio::time::timeout(self.opts.stall_timeout, resp.chunk()));
+            let next = block_on_timeout(&self.handle, self.opts.stall_timeout, resp.chunk());
             let cause = match next {
                 Ok(Ok(Some(chunk))) => {
                     if chunk.is_empty() {
@@ -616,10 +620,7 @@ impl Download {
                 request = request.header(IF_RANGE, v.clone());
             }
         }
-        let sent = self.handle.block_on(tokio::time::timeout(
-            self.opts.stall_timeout,
-            request.send(),
-        ));
+        let sent = block_on_timeout(&self.handle, self.opts.stall_timeout, request.send());
         let resp = match sent {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) if e.is_redirect() || e.is_builder() => {
@@ -1029,6 +1030,32 @@ mod tests {
         );
         // Refused before any request.
         assert_eq!(fx.request_count(), 2);
+    }
+
+    /// The from-qcow2 method reads its download on a plain thread (see
+    /// `read_ahead`), which has no runtime context of its own.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn reads_from_a_thread_outside_the_runtime() {
+        let data = noise(3 << 20, 2);
+        let fx = serve(vec![("/disk.raw", data.clone())]);
+        let url = fx.url("/disk.raw");
+        let digest = sha(&data);
+        let d = digest.clone();
+        let (out, summary) = blocking(move |h| {
+            std::thread::spawn(move || {
+                let opts = FetchOptions {
+                    expected_sha256: Some(d),
+                    ..opts()
+                };
+                fetch_all(h, &url, opts)
+            })
+            .join()
+            .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(out == *data, "body differs");
+        assert_eq!(summary.sha256, Some(digest));
     }
 
     #[tokio::test(flavor = "multi_thread")]

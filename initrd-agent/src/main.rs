@@ -16,9 +16,29 @@ mod methods;
 mod net;
 mod params;
 mod pid1;
+mod read_ahead;
 mod signal;
 
 use clap::{Parser, Subcommand};
+
+/// mimalloc instead of musl's allocator, which hands every large block back
+/// to the kernel when it is freed: each network buffer then comes back as
+/// fresh pages to fault in and zero (a third of the agent's time writing a
+/// disk image, bench from_qcow2).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_arena_eager_commit` in mimalloc 3's `mi_option_t`.
+const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+
+/// mimalloc commits its first arena whole on Linux; the agent's memory is
+/// then tens of MiB it never uses. Committing on demand keeps the resident
+/// size to what is used, at no measurable cost.
+fn tune_allocator() {
+    // SAFETY: sets a global option before the allocations it affects; the
+    // option is an int and 0 a valid value.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
+}
 use tracing::{error, info};
 
 use crate::params::{Cmdline, Params, Source};
@@ -63,6 +83,7 @@ enum Command {
 }
 
 fn main() {
+    tune_allocator();
     if std::process::id() == 1 {
         pid1::main();
     }

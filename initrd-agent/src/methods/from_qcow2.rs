@@ -13,7 +13,7 @@
 //! end and its last partition grown to fill the volume; with `grow_fs=1`
 //! that partition's ext4 filesystem is grown too (e2fsck, resize2fs).
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,9 +27,15 @@ use super::{BuildContext, BuildMethod, MethodOutcome};
 use crate::agent::{StageContext, StageError};
 use crate::disk::{self, GrownGpt, Volume};
 use crate::fetch::{self, FetchOptions};
+use crate::read_ahead::ReadAhead;
 use crate::signal::LayoutEntry;
 
 nix::ioctl_write_ptr_bad!(blk_zeroout, 0x127f, [u64; 2]);
+
+/// The download runs at most this many buffers of this size ahead of the
+/// writes: enough to keep the network busy while the disk catches up.
+const READ_AHEAD_CHUNK: usize = 1 << 20;
+const READ_AHEAD_DEPTH: usize = 4;
 
 /// The qcow2 magic, `QFI\xfb`.
 const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
@@ -67,19 +73,22 @@ impl BuildMethod for FromQcow2 {
             ..FetchOptions::default()
         };
         ctx.report("fetch", 0);
-        let mut download = fetch::open(ctx.runtime.clone(), &url, options)
+        let download = fetch::open(ctx.runtime.clone(), &url, options)
             .with_context(|| format!("fetch disk_img_url {url}"))
             .stage("fetch")?;
         let progress = download.progress();
         let done = Arc::new(AtomicBool::new(false));
         let reporter = spawn_progress_reporter(ctx, progress, done.clone());
+        // The download is received on its own thread while this one writes.
+        let mut stream = ReadAhead::new(download, READ_AHEAD_CHUNK, READ_AHEAD_DEPTH)
+            .context("start the download thread")
+            .stage("fetch")?;
         let written = (|| {
-            let mut stream = BufReader::with_capacity(1 << 20, &mut download);
             let head = stream.fill_buf().context("read the image's first bytes")?;
             if head.starts_with(&QCOW2_MAGIC) {
-                write_qcow2(ctx, &url, stream, volume)
+                write_qcow2(ctx, &url, &mut stream, volume)
             } else {
-                write_raw(stream, volume)
+                write_raw(&mut stream, volume)
             }
         })();
         done.store(true, Ordering::Relaxed);
@@ -99,7 +108,8 @@ impl BuildMethod for FromQcow2 {
         };
         // The digest covers every byte of the file: checked before the
         // volume is declared good.
-        let fetched = download
+        let fetched = stream
+            .into_inner()
             .finish()
             .with_context(|| format!("disk_img_url {url}"))
             .stage("fetch")?;
@@ -175,19 +185,23 @@ fn write_raw(stream: impl Read, volume: &mut Volume) -> anyhow::Result<u64> {
         volume.path.display()
     );
     let mut sink = VolumeSink::new(volume);
-    let mut buf = vec![0u8; 1 << 20];
+    // Whole 1 MiB pieces (decompressors return less per read): large,
+    // block-aligned writes, and zero detection sees whole blocks.
+    let mut buf = Vec::with_capacity(1 << 20);
     let mut offset = 0u64;
     loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e).context("read the disk image"),
-        };
-        sink.write_at(offset, &buf[..n])?;
-        offset += n as u64;
+        buf.clear();
+        reader
+            .by_ref()
+            .take(1 << 20)
+            .read_to_end(&mut buf)
+            .context("read the disk image")?;
+        if buf.is_empty() {
+            return Ok(offset);
+        }
+        sink.write_at(offset, &buf)?;
+        offset += buf.len() as u64;
     }
-    Ok(offset)
 }
 
 /// A qcow2 image: tables by `Range`, then data clusters from `stream`
@@ -195,7 +209,7 @@ fn write_raw(stream: impl Read, volume: &mut Volume) -> anyhow::Result<u64> {
 fn write_qcow2(
     ctx: &BuildContext,
     url: &str,
-    stream: impl Read,
+    stream: impl BufRead,
     volume: &mut Volume,
 ) -> anyhow::Result<u64> {
     let mut tables = RangeTables(
@@ -260,12 +274,24 @@ impl<'a> VolumeSink<'a> {
         Ok(())
     }
 
+    /// Writes `data` at `offset`, except its all-zero 4 KiB blocks, which
+    /// are zeroed instead (as `qemu-img convert` does): a thin-provisioned
+    /// volume, a sparse file and the snapshot made from them then do not
+    /// store them, and fewer bytes go to the disk.
     fn write_at(&mut self, offset: u64, data: &[u8]) -> anyhow::Result<()> {
         self.check_fits(offset, data.len() as u64)?;
-        self.volume
-            .file
-            .write_all_at(data, offset)
-            .with_context(|| format!("write {} at offset {offset}", self.volume.path.display()))
+        for run in zero_block_runs(offset, data) {
+            let at = offset + run.range.start as u64;
+            let piece = &data[run.range];
+            if run.zero {
+                self.zero(at, piece.len() as u64)?;
+            } else {
+                self.volume.file.write_all_at(piece, at).with_context(|| {
+                    format!("write {} at offset {at}", self.volume.path.display())
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// Zeroes a range: BLKZEROOUT on a block device (the device may do it
@@ -304,6 +330,50 @@ impl<'a> VolumeSink<'a> {
         }
         Ok(())
     }
+}
+
+/// Zero detection works on blocks of this size, aligned on the volume: the
+/// default of `qemu-img convert -S`, and the page and filesystem block size.
+const ZERO_BLOCK: usize = 4096;
+
+/// A stretch of a write: all-zero whole blocks, or anything else.
+#[derive(Debug, PartialEq, Eq)]
+struct Run {
+    range: std::ops::Range<usize>,
+    zero: bool,
+}
+
+/// Splits `data`, bound for volume offset `offset`, into alternating runs of
+/// data and of whole aligned [`ZERO_BLOCK`]s that hold only zeros. A partial
+/// block at either end counts as data.
+fn zero_block_runs(offset: u64, data: &[u8]) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
+    let mut start = 0;
+    while start < data.len() {
+        let block_end = (offset + start as u64).next_multiple_of(ZERO_BLOCK as u64) - offset;
+        let mut end = (block_end as usize).min(data.len());
+        if end == start {
+            end = (start + ZERO_BLOCK).min(data.len());
+        }
+        let block = &data[start..end];
+        let zero = block.len() == ZERO_BLOCK && is_all_zero(block);
+        match runs.last_mut() {
+            Some(last) if last.zero == zero => last.range.end = end,
+            _ => runs.push(Run {
+                range: start..end,
+                zero,
+            }),
+        }
+        start = end;
+    }
+    runs
+}
+
+fn is_all_zero(block: &[u8]) -> bool {
+    // Data blocks almost always differ from zero in their first bytes; the
+    // fold over the rest has no early exit, so it compiles to wide ORs.
+    let (head, rest) = block.split_at(block.len().min(16));
+    head.iter().all(|&b| b == 0) && rest.iter().fold(0u8, |acc, &b| acc | b) == 0
 }
 
 impl qcow2::Sink for VolumeSink<'_> {
@@ -360,4 +430,58 @@ fn grow_last_filesystem(gpt: &GrownGpt) -> anyhow::Result<()> {
     }
     info!("grew the filesystem on {device} to {} MiB", part.size >> 20);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runs(offset: u64, data: &[u8]) -> Vec<(usize, usize, bool)> {
+        zero_block_runs(offset, data)
+            .into_iter()
+            .map(|r| (r.range.start, r.range.end, r.zero))
+            .collect()
+    }
+
+    #[test]
+    fn zero_blocks_are_found_on_aligned_whole_blocks_only() {
+        let b = ZERO_BLOCK;
+        // data, zero, zero, data (one non-zero byte at the block's end), zero
+        let mut data = vec![0u8; 5 * b];
+        data[10] = 1;
+        data[4 * b - 1] = 7;
+        assert_eq!(
+            runs(0, &data),
+            vec![
+                (0, b, false),
+                (b, 3 * b, true),
+                (3 * b, 4 * b, false),
+                (4 * b, 5 * b, true)
+            ]
+        );
+        // Not aligned on the volume: partial blocks at both ends are data,
+        // whole aligned blocks between them still count.
+        let zeros = vec![0u8; 3 * b];
+        assert_eq!(
+            runs(100, &zeros),
+            vec![
+                (0, b - 100, false),
+                (b - 100, 3 * b - 100, true),
+                (3 * b - 100, 3 * b, false)
+            ]
+        );
+        // Shorter than a block: data, even if zero.
+        assert_eq!(runs(0, &[0u8; 512]), vec![(0, 512, false)]);
+        assert_eq!(runs(0, &[]), vec![]);
+        // Every byte position of a block is looked at.
+        for at in [0, 15, 16, 17, b / 2, b - 1] {
+            let mut block = vec![0u8; b];
+            block[at] = 0x80;
+            assert_eq!(
+                runs(0, &block),
+                vec![(0, b, false)],
+                "non-zero byte at {at}"
+            );
+        }
+    }
 }
