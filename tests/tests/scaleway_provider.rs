@@ -357,3 +357,21 @@ async fn tags_round_trip_and_running_servers_are_not_deleted() {
     provider.delete_server(&created.id, true).await.unwrap();
     assert!(fake.servers().is_empty() && fake.volumes().is_empty());
 }
+
+#[tokio::test]
+async fn cloud_init_user_data_reaches_the_server() {
+    let fake = fake().await;
+    let provider = provider(&fake);
+    let created = provider.create_server(&spec()).await.unwrap();
+    let script = "#!/bin/sh\necho hello\n";
+    provider
+        .set_user_data(&created.id, "cloud-init", script)
+        .await
+        .unwrap();
+    let held = fake.server(&created.id).unwrap().user_data;
+    assert_eq!(
+        held.get("cloud-init").map(Vec::as_slice),
+        Some(script.as_bytes())
+    );
+    provider.delete_server(&created.id, true).await.unwrap();
+}

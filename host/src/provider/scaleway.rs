@@ -99,6 +99,16 @@ impl ScalewayProvider {
         &self.client
     }
 
+    /// Sets user data `key` of a server (e.g. `cloud-init`, read by
+    /// cloud-init at boot): the helper strategy's way to hand the guest its
+    /// script. Not part of [`Provider`]: the local provider has no user data.
+    pub async fn set_user_data(&self, server: &str, key: &str, value: &str) -> Result<()> {
+        self.client
+            .set_user_data(server, key, value)
+            .await
+            .with_context(|| format!("set user data {key:?} of server {server}"))
+    }
+
     /// The server, refusing states this provider cannot work with.
     async fn read_server(&self, id: &str) -> Result<scw::Server> {
         let server = self
