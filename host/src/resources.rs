@@ -3,12 +3,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use crate::accel::AccelChoice;
 use crate::provider::local::{ExportFormat, LocalProvider};
+use crate::provider::scaleway::{ScalewayOptions, ScalewayProvider};
 use crate::provider::{
     find_image, find_server, find_snapshot, Boot, Provider, ServerSpec, VolumeSpec,
 };
@@ -35,6 +36,23 @@ pub struct ProviderArgs {
         default_value = "auto"
     )]
     pub accel: AccelChoice,
+    /// Scaleway: the build server's commercial type.
+    #[arg(
+        long,
+        global = true,
+        env = "IMGFORGE_SCW_COMMERCIAL_TYPE",
+        default_value = "DEV1-S"
+    )]
+    pub scw_commercial_type: String,
+    /// Scaleway: the stock image (marketplace label or image id) that
+    /// locally booted servers start from.
+    #[arg(
+        long,
+        global = true,
+        env = "IMGFORGE_SCW_IMAGE",
+        default_value = "debian_bookworm"
+    )]
+    pub scw_image: String,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,10 +66,21 @@ impl ProviderArgs {
     pub fn open(&self) -> Result<Box<dyn Provider>> {
         match self.provider {
             ProviderName::Local => Ok(Box::new(self.open_local()?)),
-            ProviderName::Scaleway => {
-                bail!("the scaleway provider is not part of this release yet; use --provider local")
-            }
+            ProviderName::Scaleway => Ok(Box::new(self.open_scaleway()?)),
         }
+    }
+
+    /// Opens the Scaleway provider with the scw CLI's configuration
+    /// (`~/.config/scw/config.yaml` and the `SCW_*` variables).
+    pub fn open_scaleway(&self) -> Result<ScalewayProvider> {
+        let config = crate::scaleway::Config::load()
+            .context("read the Scaleway configuration (as the scw CLI does)")?;
+        let options = ScalewayOptions {
+            commercial_type: self.scw_commercial_type.clone(),
+            image_label: self.scw_image.clone(),
+            ..ScalewayOptions::default()
+        };
+        ScalewayProvider::from_config(&config, options)
     }
 
     /// Opens the local provider (commands that only exist locally).

@@ -3,9 +3,10 @@
 //! The [`Provider`] trait is the cloud's vocabulary (servers with volumes and
 //! tags, snapshots of volumes, images made of snapshots), shaped after
 //! Scaleway's Instance API so that the build pipeline reads the same for the
-//! local QEMU provider ([`local`]) and a real cloud.
+//! local QEMU provider ([`local`]) and Scaleway ([`scaleway`]).
 
 pub mod local;
+pub mod scaleway;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

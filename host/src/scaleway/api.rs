@@ -285,6 +285,7 @@ pub struct Volume {
     #[serde(default, deserialize_with = "null_as_default")]
     pub tags: Vec<String>,
     pub zone: Option<String>,
+    pub creation_date: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -320,6 +321,7 @@ pub struct Snapshot {
     pub tags: Vec<String>,
     pub zone: Option<String>,
     pub error_reason: Option<String>,
+    pub creation_date: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -355,6 +357,7 @@ pub struct Image {
     #[serde(default, deserialize_with = "null_as_default")]
     pub tags: Vec<String>,
     pub zone: Option<String>,
+    pub creation_date: Option<String>,
 }
 
 #[derive(Deserialize)]

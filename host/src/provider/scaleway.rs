@@ -1,0 +1,742 @@
+//! The Scaleway provider: the [`Provider`] vocabulary over Scaleway's
+//! Instance API v1, through [`crate::scaleway::Client`] (which does the
+//! retries on 429/5xx, the checked creations and the state polling).
+//!
+//! How the trait maps onto the API:
+//!
+//! * A server is created stopped from a stock image label (`Boot::Local`,
+//!   [`ScalewayOptions::image_label`]) or, for the original flow,
+//!   `boot_type: bootscript`, which Scaleway refuses since bootscripts were
+//!   removed on 2023-05-15: that refusal becomes an error that says so and
+//!   points at `--strategy helper`. Its volumes are `volumes["0"]`,
+//!   `volumes["1"]`… (`l_ssd`, sizes in SI bytes). Its name gets a random
+//!   suffix, because the client recognises a creation whose reply was lost
+//!   by its unique name.
+//! * Every server carries the [`MARKER_TAG`] (`list_servers` lists by it) and
+//!   its exposed ports as an [`EXPOSED_PORTS_TAG`] tag; both are hidden from
+//!   the tags [`Server`] shows, so the caller's tags round-trip.
+//! * Build tags (`imgforge-build=<id>`, [`BUILD_TAG_PREFIX`]) given by the
+//!   caller on a server are copied onto the snapshots of its volumes and onto
+//!   the images made of those snapshots, so that a cleanup by tag finds
+//!   them. (Volumes created with a server cannot be tagged through POST
+//!   /servers; they are found through their server.)
+//! * A server reaches this machine over the internet: `endpoints[port]` is
+//!   the server's public address with that port, and [`Provider::guest_url`]
+//!   refuses loopback URLs (the artifact server needs `--public-url`).
+//! * `stopped in place` counts as stopped; `locked` (Scaleway holds the
+//!   server, e.g. for abuse or billing) is an error for every operation on
+//!   the server. There is no serial console over the API, so `console_tail`
+//!   is `None`.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tracing::{info, warn};
+
+use super::{Boot, Image, Provider, Server, ServerSpec, ServerState, Snapshot, Volume, VolumeSpec};
+use crate::scaleway::api::{
+    CreateImageRequest, CreateServerRequest, CreateSnapshotRequest, VolumeTemplate,
+};
+use crate::scaleway::{self as scw, Client, Config, ServerAction};
+
+/// The tag on every server this provider creates; `list_servers` lists by it.
+pub const MARKER_TAG: &str = "imgforge";
+/// `imgforge-exposed-ports=22,80`: the spec's exposed ports, kept on the
+/// server so that any later process can compute its endpoints.
+pub const EXPOSED_PORTS_TAG: &str = "imgforge-exposed-ports=";
+/// Tags starting with this (`imgforge-build=<id>`) are copied from a server
+/// to the snapshots of its volumes and the images made of them.
+pub const BUILD_TAG_PREFIX: &str = "imgforge-build=";
+
+/// What a server, a snapshot or an image is created with, and how long to
+/// wait for them.
+#[derive(Clone, Debug)]
+pub struct ScalewayOptions {
+    /// The server type (`DEV1-S`, `GP1-S`…).
+    pub commercial_type: String,
+    /// The stock image a `Boot::Local` server starts from (a marketplace
+    /// label such as `debian_bookworm`, or an image id).
+    pub image_label: String,
+    /// Longest wait for a server to reach `running` or `stopped`.
+    pub server_timeout: Duration,
+    /// Longest wait for a snapshot to become `available`.
+    pub snapshot_timeout: Duration,
+    /// Longest wait for an image to become `available`.
+    pub image_timeout: Duration,
+}
+
+impl Default for ScalewayOptions {
+    fn default() -> Self {
+        ScalewayOptions {
+            commercial_type: "DEV1-S".to_string(),
+            image_label: "debian_bookworm".to_string(),
+            server_timeout: Duration::from_secs(600),
+            snapshot_timeout: Duration::from_secs(1800),
+            image_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+pub struct ScalewayProvider {
+    client: Client,
+    options: ScalewayOptions,
+}
+
+impl ScalewayProvider {
+    pub fn new(client: Client, options: ScalewayOptions) -> ScalewayProvider {
+        ScalewayProvider { client, options }
+    }
+
+    /// The provider for the scw CLI's configuration (`Config::load`).
+    pub fn from_config(config: &Config, options: ScalewayOptions) -> Result<ScalewayProvider> {
+        let client = Client::new(config).context("set up the Scaleway API client")?;
+        Ok(ScalewayProvider::new(client, options))
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Sets user data `key` of a server (e.g. `cloud-init`, read by
+    /// cloud-init at boot): the helper strategy's way to hand the guest its
+    /// script. Not part of [`Provider`]: the local provider has no user data.
+    pub async fn set_user_data(&self, server: &str, key: &str, value: &str) -> Result<()> {
+        self.client
+            .set_user_data(server, key, value)
+            .await
+            .with_context(|| format!("set user data {key:?} of server {server}"))
+    }
+
+    /// The server, refusing states this provider cannot work with.
+    async fn read_server(&self, id: &str) -> Result<scw::Server> {
+        let server = self
+            .client
+            .get_server(id)
+            .await
+            .with_context(|| format!("get server {id}"))?;
+        server_state(&server)?;
+        Ok(server)
+    }
+
+    async fn wait_for(&self, id: &str, wanted: &[scw::ServerState]) -> Result<scw::Server> {
+        let server = self
+            .client
+            .wait_for_server_state(id, wanted, self.options.server_timeout)
+            .await?;
+        Ok(server)
+    }
+
+    /// The `imgforge-build=` tags of the server volume `volume_id` is
+    /// attached to (none when it is detached).
+    async fn build_tags_of_volume(&self, volume_id: &str) -> Result<Vec<String>> {
+        let volume = self
+            .client
+            .get_volume(volume_id)
+            .await
+            .with_context(|| format!("get volume {volume_id}"))?;
+        let Some(server) = volume.server.filter(|s| !s.id.is_empty()) else {
+            return Ok(Vec::new());
+        };
+        match self.client.get_server(&server.id).await {
+            Ok(server) => Ok(build_tags(&server.tags)),
+            Err(e) if e.is_not_found() => Ok(Vec::new()),
+            Err(e) => {
+                Err(e).with_context(|| format!("get server {} of volume {volume_id}", server.id))
+            }
+        }
+    }
+}
+
+/// A server's state in the trait's terms; `locked` and states this provider
+/// does not know are errors.
+fn server_state(server: &scw::Server) -> Result<ServerState> {
+    Ok(match &server.state {
+        scw::ServerState::Starting => ServerState::Starting,
+        scw::ServerState::Running => ServerState::Running,
+        scw::ServerState::Stopping => ServerState::Stopping,
+        scw::ServerState::Stopped | scw::ServerState::StoppedInPlace => ServerState::Stopped,
+        scw::ServerState::Locked => bail!(
+            "server {} ({}) is locked by Scaleway{}: nothing can be done with it until \
+             Scaleway unlocks it (see the console or ask their support)",
+            server.name,
+            server.id,
+            server
+                .state_detail
+                .as_deref()
+                .filter(|d| !d.is_empty())
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default()
+        ),
+        scw::ServerState::Other(state) => bail!(
+            "server {} ({}) is in state {state:?}, which imgforge does not know",
+            server.name,
+            server.id
+        ),
+    })
+}
+
+fn is_stopped(state: &scw::ServerState) -> bool {
+    matches!(
+        state,
+        scw::ServerState::Stopped | scw::ServerState::StoppedInPlace
+    )
+}
+
+/// Tags the provider manages itself, hidden from [`Server::tags`].
+fn is_internal_tag(tag: &str) -> bool {
+    tag == MARKER_TAG || tag.starts_with(EXPOSED_PORTS_TAG)
+}
+
+fn build_tags(tags: &[String]) -> Vec<String> {
+    tags.iter()
+        .filter(|t| t.starts_with(BUILD_TAG_PREFIX))
+        .cloned()
+        .collect()
+}
+
+/// The exposed ports recorded in a server's tags.
+fn exposed_ports(tags: &[String]) -> Vec<u16> {
+    tags.iter()
+        .filter_map(|t| t.strip_prefix(EXPOSED_PORTS_TAG))
+        .flat_map(|ports| ports.split(','))
+        .filter_map(|port| port.trim().parse().ok())
+        .collect()
+}
+
+/// The caller's tags plus the provider's own ones.
+fn server_tags(tags: &[String], exposed: &[u16]) -> Vec<String> {
+    let mut all = vec![MARKER_TAG.to_string()];
+    all.extend(tags.iter().filter(|t| !is_internal_tag(t)).cloned());
+    if !exposed.is_empty() {
+        let ports: Vec<String> = exposed.iter().map(u16::to_string).collect();
+        all.push(format!("{EXPOSED_PORTS_TAG}{}", ports.join(",")));
+    }
+    all
+}
+
+fn to_server(server: &scw::Server) -> Result<Server> {
+    let state = server_state(server)?;
+    let mut volumes: Vec<(u32, String)> = server
+        .volumes
+        .iter()
+        .filter(|(_, v)| !v.id.is_empty())
+        .filter_map(|(index, v)| Some((index.parse().ok()?, v.id.clone())))
+        .collect();
+    volumes.sort();
+    let address: Option<IpAddr> = server.public_address().and_then(|a| a.parse().ok());
+    let endpoints = match address {
+        Some(ip) => exposed_ports(&server.tags)
+            .into_iter()
+            .map(|port| (port, SocketAddr::new(ip, port)))
+            .collect(),
+        None => BTreeMap::new(),
+    };
+    let boot = match server.boot_type.as_deref() {
+        Some("bootscript") => Boot::Bootscript(String::new()),
+        _ => Boot::Local,
+    };
+    Ok(Server {
+        id: server.id.clone(),
+        name: server.name.clone(),
+        state,
+        state_detail: server.state_detail.clone().unwrap_or_default(),
+        tags: server
+            .tags
+            .iter()
+            .filter(|t| !is_internal_tag(t))
+            .cloned()
+            .collect(),
+        boot,
+        volumes: volumes.into_iter().map(|(_, id)| id).collect(),
+        endpoints,
+        arch: server.arch.clone().unwrap_or_default(),
+        created_at: server.creation_date.clone().unwrap_or_default(),
+    })
+}
+
+fn to_volume(volume: scw::Volume) -> Volume {
+    Volume {
+        id: volume.id,
+        name: volume.name,
+        size: volume.size.unwrap_or(0),
+        server: volume.server.map(|s| s.id).filter(|id| !id.is_empty()),
+        created_at: volume.creation_date.unwrap_or_default(),
+    }
+}
+
+fn to_snapshot(snapshot: scw::Snapshot) -> Snapshot {
+    Snapshot {
+        id: snapshot.id,
+        name: snapshot.name,
+        size: snapshot.size.unwrap_or(0),
+        base_volume: snapshot.base_volume.map(|v| v.id).unwrap_or_default(),
+        created_at: snapshot.creation_date.unwrap_or_default(),
+    }
+}
+
+fn to_image(image: scw::Image) -> Image {
+    Image {
+        id: image.id,
+        name: image.name,
+        arch: image.arch.unwrap_or_default(),
+        root_volume: image.root_volume.map(|v| v.id).unwrap_or_default(),
+        created_at: image.creation_date.unwrap_or_default(),
+    }
+}
+
+/// `name-` and 8 random hex digits: unique names let the client recognise
+/// a creation whose reply was lost.
+fn unique_name(name: &str) -> String {
+    let mut bytes = [0u8; 4];
+    if getrandom::fill(&mut bytes).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
+        bytes = nanos.to_le_bytes();
+    }
+    format!("{name}-{}", hex::encode(bytes))
+}
+
+/// Whether the API's refusal is about the bootscript boot.
+fn is_bootscript_refusal(error: &scw::Error) -> bool {
+    let Some(api) = error.api_error() else {
+        return false;
+    };
+    if !(400..500).contains(&api.status) {
+        return false;
+    }
+    let text = format!(
+        "{} {} {}",
+        api.message,
+        api.details
+            .as_ref()
+            .map(|d| d.to_string())
+            .unwrap_or_default(),
+        api.fields
+            .as_ref()
+            .map(|d| d.to_string())
+            .unwrap_or_default(),
+    );
+    text.contains("bootscript") || text.contains("boot_type")
+}
+
+fn is_loopback_host(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost" || d.ends_with(".localhost"),
+        None => false,
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for ScalewayProvider {
+    fn name(&self) -> &'static str {
+        "scaleway"
+    }
+
+    async fn create_server(&self, spec: &ServerSpec) -> Result<Server> {
+        if spec.name.trim().is_empty() {
+            bail!("a server needs a name");
+        }
+        if spec.volumes.is_empty() {
+            bail!("a server needs at least one volume");
+        }
+        if let Some(service) = spec.host_services.iter().find(|s| s.ip().is_loopback()) {
+            bail!(
+                "a Scaleway server cannot reach {service} on this machine's loopback: serve \
+                 artifacts on a public address (--listen) and pass --public-url"
+            );
+        }
+        let volumes = spec
+            .volumes
+            .iter()
+            .enumerate()
+            .map(|(index, volume)| {
+                let template = match volume {
+                    VolumeSpec::Blank { size } => VolumeTemplate {
+                        size: Some(*size),
+                        volume_type: Some("l_ssd".to_string()),
+                        ..VolumeTemplate::default()
+                    },
+                    VolumeSpec::FromSnapshot { snapshot } => VolumeTemplate {
+                        base_snapshot: Some(snapshot.clone()),
+                        volume_type: Some("l_ssd".to_string()),
+                        ..VolumeTemplate::default()
+                    },
+                };
+                (index.to_string(), template)
+            })
+            .collect();
+        let bootscript = match &spec.boot {
+            Some(Boot::Bootscript(id)) => Some(id.clone()),
+            Some(Boot::Local) | None => None,
+        };
+        let request = CreateServerRequest {
+            name: unique_name(&spec.name),
+            commercial_type: self.options.commercial_type.clone(),
+            project: None,
+            image: Some(self.options.image_label.clone()),
+            volumes,
+            boot_type: Some(
+                if bootscript.is_some() {
+                    "bootscript"
+                } else {
+                    "local"
+                }
+                .to_string(),
+            ),
+            tags: server_tags(&spec.tags, &spec.exposed_ports),
+            dynamic_ip_required: Some(true),
+        };
+        let created = match self.client.create_server(&request).await {
+            Ok(server) => server,
+            Err(e) if bootscript.is_some() && is_bootscript_refusal(&e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "Scaleway refused to create server {} booting bootscript {:?}: bootscripts \
+                     were removed from Scaleway on 2023-05-15; use `--strategy helper` (a server \
+                     from a stock image that writes the image to a second volume) instead",
+                    request.name,
+                    bootscript.unwrap_or_default()
+                )))
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "create server {} ({})",
+                    request.name, request.commercial_type
+                )))
+            }
+        };
+        info!(id = %created.id, name = %created.name, "created server");
+        to_server(&created)
+    }
+
+    async fn get_server(&self, id: &str) -> Result<Server> {
+        to_server(&self.read_server(id).await?)
+    }
+
+    async fn list_servers(&self) -> Result<Vec<Server>> {
+        let servers = self
+            .client
+            .list_servers_by_tags(&[MARKER_TAG.to_string()])
+            .await
+            .context("list servers")?;
+        let mut listed = Vec::with_capacity(servers.len());
+        for server in &servers {
+            match to_server(server) {
+                Ok(server) => listed.push(server),
+                Err(e) => warn!("not listed: {e:#}"),
+            }
+        }
+        listed.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(listed)
+    }
+
+    async fn start_server(&self, id: &str) -> Result<Server> {
+        let mut server = self.read_server(id).await?;
+        if server.state == scw::ServerState::Stopping {
+            server = self
+                .wait_for(
+                    id,
+                    &[scw::ServerState::Stopped, scw::ServerState::StoppedInPlace],
+                )
+                .await?;
+        }
+        if is_stopped(&server.state) {
+            self.client
+                .server_action(id, ServerAction::PowerOn)
+                .await
+                .with_context(|| format!("power on server {id}"))?;
+        }
+        let server = self
+            .wait_for(id, &[scw::ServerState::Running])
+            .await
+            .with_context(|| format!("start server {id}"))?;
+        to_server(&server)
+    }
+
+    async fn stop_server(&self, id: &str) -> Result<Server> {
+        let mut server = self.read_server(id).await?;
+        if is_stopped(&server.state) {
+            return to_server(&server);
+        }
+        if server.state == scw::ServerState::Starting {
+            server = self.wait_for(id, &[scw::ServerState::Running]).await?;
+        }
+        if server.state == scw::ServerState::Running {
+            self.client
+                .server_action(id, ServerAction::PowerOff)
+                .await
+                .with_context(|| format!("power off server {id}"))?;
+        }
+        let server = self
+            .wait_for(
+                id,
+                &[scw::ServerState::Stopped, scw::ServerState::StoppedInPlace],
+            )
+            .await
+            .with_context(|| format!("stop server {id}"))?;
+        to_server(&server)
+    }
+
+    async fn delete_server(&self, id: &str, with_volumes: bool) -> Result<()> {
+        let server = self.read_server(id).await?;
+        if !is_stopped(&server.state) {
+            bail!(
+                "server {} ({id}) is {}: stop it first (imgforge server stop {id})",
+                server.name,
+                server.state
+            );
+        }
+        let volumes = to_server(&server)?.volumes;
+        self.client
+            .delete_server(id)
+            .await
+            .with_context(|| format!("delete server {id}"))?;
+        if with_volumes {
+            for volume in &volumes {
+                match self.client.delete_volume(volume).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("delete volume {volume} of deleted server {id}")
+                        })
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn set_server_tags(&self, id: &str, tags: &[String]) -> Result<Server> {
+        let server = self.read_server(id).await?;
+        let tags = server_tags(tags, &exposed_ports(&server.tags));
+        let server = self
+            .client
+            .set_server_tags(id, &tags)
+            .await
+            .with_context(|| format!("set the tags of server {id}"))?;
+        to_server(&server)
+    }
+
+    async fn console_tail(&self, _id: &str, _lines: usize) -> Result<Option<String>> {
+        // The Instance API has no serial console log.
+        Ok(None)
+    }
+
+    async fn get_volume(&self, id: &str) -> Result<Volume> {
+        let volume = self
+            .client
+            .get_volume(id)
+            .await
+            .with_context(|| format!("get volume {id}"))?;
+        Ok(to_volume(volume))
+    }
+
+    async fn list_volumes(&self) -> Result<Vec<Volume>> {
+        let query = [("project", self.client.project_id().to_string())];
+        let volumes: Vec<scw::Volume> = self
+            .client
+            .list_all("/volumes", &query, "volumes")
+            .await
+            .context("list volumes")?;
+        let mut volumes: Vec<Volume> = volumes.into_iter().map(to_volume).collect();
+        volumes.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(volumes)
+    }
+
+    async fn delete_volume(&self, id: &str) -> Result<()> {
+        self.client
+            .delete_volume(id)
+            .await
+            .with_context(|| format!("delete volume {id}"))
+    }
+
+    async fn create_snapshot(&self, volume: &str, name: &str) -> Result<Snapshot> {
+        if name.trim().is_empty() {
+            bail!("a snapshot needs a name");
+        }
+        let mut tags = vec![MARKER_TAG.to_string()];
+        tags.extend(self.build_tags_of_volume(volume).await?);
+        let request = CreateSnapshotRequest {
+            name: unique_name(name),
+            volume_id: volume.to_string(),
+            project: None,
+            tags,
+            volume_type: None,
+        };
+        let snapshot = self
+            .client
+            .create_snapshot(&request)
+            .await
+            .with_context(|| format!("snapshot volume {volume}"))?;
+        let snapshot = self
+            .client
+            .wait_for_snapshot_available(&snapshot.id, self.options.snapshot_timeout)
+            .await
+            .with_context(|| format!("snapshot volume {volume}"))?;
+        Ok(to_snapshot(snapshot))
+    }
+
+    async fn get_snapshot(&self, id: &str) -> Result<Snapshot> {
+        let snapshot = self
+            .client
+            .get_snapshot(id)
+            .await
+            .with_context(|| format!("get snapshot {id}"))?;
+        Ok(to_snapshot(snapshot))
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
+        let query = [("project", self.client.project_id().to_string())];
+        let snapshots: Vec<scw::Snapshot> = self
+            .client
+            .list_all("/snapshots", &query, "snapshots")
+            .await
+            .context("list snapshots")?;
+        let mut snapshots: Vec<Snapshot> = snapshots.into_iter().map(to_snapshot).collect();
+        snapshots.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(snapshots)
+    }
+
+    async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        self.client
+            .delete_snapshot(id)
+            .await
+            .with_context(|| format!("delete snapshot {id}"))
+    }
+
+    async fn create_image(&self, name: &str, snapshot: &str, arch: &str) -> Result<Image> {
+        if name.trim().is_empty() {
+            bail!("an image needs a name");
+        }
+        let source = self
+            .client
+            .get_snapshot(snapshot)
+            .await
+            .with_context(|| format!("get snapshot {snapshot}"))?;
+        let mut tags = vec![MARKER_TAG.to_string()];
+        tags.extend(build_tags(&source.tags));
+        let request = CreateImageRequest {
+            name: name.to_string(),
+            root_volume: snapshot.to_string(),
+            arch: arch.to_string(),
+            project: None,
+            tags,
+            public: None,
+        };
+        let image = self
+            .client
+            .create_image(&request)
+            .await
+            .with_context(|| format!("create image {name} from snapshot {snapshot}"))?;
+        let image = self
+            .client
+            .wait_for_image_available(&image.id, self.options.image_timeout)
+            .await
+            .with_context(|| format!("create image {name}"))?;
+        Ok(to_image(image))
+    }
+
+    async fn get_image(&self, id: &str) -> Result<Image> {
+        let image = self
+            .client
+            .get_image(id)
+            .await
+            .with_context(|| format!("get image {id}"))?;
+        Ok(to_image(image))
+    }
+
+    async fn list_images(&self) -> Result<Vec<Image>> {
+        let query = [("project", self.client.project_id().to_string())];
+        let images: Vec<scw::Image> = self
+            .client
+            .list_all("/images", &query, "images")
+            .await
+            .context("list images")?;
+        let mut images: Vec<Image> = images.into_iter().map(to_image).collect();
+        images.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(images)
+    }
+
+    async fn delete_image(&self, id: &str) -> Result<()> {
+        self.client
+            .delete_image(id)
+            .await
+            .with_context(|| format!("delete image {id}"))
+    }
+
+    fn guest_url(&self, url: &str) -> Result<String> {
+        let parsed = url::Url::parse(url).with_context(|| format!("URL {url:?}"))?;
+        if parsed.host().is_none() {
+            return Err(anyhow!(
+                "{url}: a Scaleway server needs an http(s) URL with a host"
+            ));
+        }
+        if is_loopback_host(&parsed) {
+            bail!(
+                "{url} is on this machine's loopback, which a Scaleway server cannot reach \
+                 (it comes in over the internet): serve artifacts on a public address and pass \
+                 --public-url (the artifact server's public base URL)"
+            );
+        }
+        Ok(url.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_tags_are_added_and_hidden() {
+        let tags = server_tags(&["a=b".into(), "imgforge".into()], &[22, 8080]);
+        assert_eq!(tags, ["imgforge", "a=b", "imgforge-exposed-ports=22,8080"]);
+        assert_eq!(exposed_ports(&tags), [22, 8080]);
+        assert!(tags
+            .iter()
+            .filter(|t| !is_internal_tag(t))
+            .eq(["a=b"].iter()));
+    }
+
+    #[test]
+    fn build_tags_are_picked() {
+        let tags = ["x=1".to_string(), "imgforge-build=42".to_string()];
+        assert_eq!(build_tags(&tags), ["imgforge-build=42"]);
+    }
+
+    #[test]
+    fn unique_names_differ() {
+        let (a, b) = (unique_name("srv"), unique_name("srv"));
+        assert!(a.starts_with("srv-") && a.len() == "srv-".len() + 8, "{a}");
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn guest_urls_must_be_public() {
+        let config = Config {
+            access_key: None,
+            secret_key: scw::SecretKey::new("x"),
+            default_project_id: "p".into(),
+            default_zone: "fr-par-1".into(),
+            api_url: "http://127.0.0.1:9".into(),
+            profile: None,
+            config_path: None,
+        };
+        let provider = ScalewayProvider::from_config(&config, ScalewayOptions::default()).unwrap();
+        let public = "http://203.0.113.7:8080/a/rootfs.tar";
+        assert_eq!(provider.guest_url(public).unwrap(), public);
+        for url in [
+            "http://127.0.0.1:8080/x",
+            "http://localhost/x",
+            "http://[::1]:1/x",
+        ] {
+            let err = provider.guest_url(url).unwrap_err().to_string();
+            assert!(err.contains("--public-url"), "{err}");
+        }
+    }
+}
