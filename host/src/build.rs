@@ -1,20 +1,29 @@
 //! `imgforge build`: the whole image build as one command (the original
 //! `create_image_live_from_rootfs.sh`).
 //!
-//! 1. resolve the rootfs: an `imgforge rootfs` source is built to a tarball,
+//! 1. resolve the input: an `imgforge rootfs` source is built to a tarball,
 //!    a local file is used as is, an http(s) URL is handed to the agent;
-//! 2. serve local files on loopback (the server reaches them through the
-//!    provider);
-//! 3. create a build server (image-creation bootscript, one blank volume of
-//!    `--size`, the agent's parameters as tags) and start it;
+//! 2. serve local files (and, for a helper, `initrd-agent`) with the
+//!    artifact server: on loopback for the local provider, on `--listen`
+//!    and announced as `--public-url` for a remote one;
+//! 3. create a build server tagged with the build id and the agent's
+//!    parameters, by one of two strategies:
+//!    - `bootscript`: the image-creation bootscript (kernel + initrd with
+//!      the agent as PID 1) and one blank volume of `--size`; the local
+//!      provider's way, and Scaleway's before bootscripts were removed;
+//!    - `helper`: a stock image with a second, blank volume of `--size`,
+//!      whose cloud-init script fetches the agent and runs it against that
+//!      volume (see [`crate::helper_script`]); Scaleway's way today;
 //! 4. follow the agent's `state_detail` as progress and poll its done
 //!    signal; a failure line ends the build at once, with the agent's
 //!    message and the end of the console;
-//! 5. stop the server, snapshot the volume, create the image, delete the
-//!    server.
+//! 5. stop the server, snapshot the written volume, create the image,
+//!    delete the server with its volumes.
 //!
-//! Whatever happens (an error, Ctrl-C, SIGTERM), every server and volume
-//! the build created is deleted before imgforge exits.
+//! Whatever happens (an error, Ctrl-C, SIGTERM), every server, volume and
+//! unused snapshot the build created is deleted before imgforge exits: the
+//! servers it knows of, then whatever else carries its build id
+//! ([`Provider::cleanup_builds`]).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -26,12 +35,19 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::done_signal::{self, DoneLine};
-use crate::provider::{Boot, Provider, ServerSpec, ServerState, VolumeSpec};
+use crate::provider::{
+    Boot, Provider, ServerSpec, ServerState, VolumeSpec, BUILD_SERVER_PREFIX, BUILD_TAG_PREFIX,
+};
 use crate::resources::{parse_size, ProviderArgs};
 use crate::serve::ArtifactServer;
 
-/// The agent's done-signal port (the original's default).
+/// The agent's done-signal port in the image-creation initrd (the
+/// original's default).
 const DONE_PORT: u16 = 22;
+/// The done-signal port of a helper server: a stock image runs sshd on 22.
+const HELPER_DONE_PORT: u16 = 8022;
+/// A helper server's own root volume (SI bytes, as Scaleway counts).
+const HELPER_ROOT_SIZE: u64 = 10_000_000_000;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BuildArgs {
@@ -78,8 +94,39 @@ pub struct BuildArgs {
     /// Build server memory in MiB.
     #[arg(long, default_value_t = 1024)]
     pub memory: u32,
+    /// How the build server writes the image: `bootscript` boots the
+    /// image-creation initrd (the local provider's way); `helper` boots a
+    /// stock image whose cloud-init runs initrd-agent against a second volume
+    /// (Scaleway's default, since Scaleway removed bootscripts in 2023).
+    #[arg(long, value_enum)]
+    pub strategy: Option<Strategy>,
+    /// Scaleway with `--strategy bootscript`: the id of the image-creation
+    /// bootscript (only endpoints that still offer bootscripts have one).
+    #[arg(long, value_name = "ID")]
+    pub bootscript_id: Option<String>,
+    /// `--strategy helper`: the helper server's device for the second
+    /// volume, which the image is written to.
+    #[arg(long, default_value = "/dev/vdb", value_name = "DEVICE")]
+    pub helper_volume: String,
+    /// Where the artifact server (the rootfs, disk image or agent for the
+    /// build server) listens. Loopback by default; a remote build server
+    /// needs an address it can reach, e.g. 0.0.0.0:8080.
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+    /// The artifact server's base URL as build servers reach it (e.g.
+    /// http://203.0.113.7:8080), when that is not the listening address
+    /// (NAT, a port forward, a wildcard --listen). Required with a remote
+    /// provider.
+    #[arg(long, value_name = "URL")]
+    pub public_url: Option<String>,
     #[command(flatten)]
     pub provider: ProviderArgs,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    Bootscript,
+    Helper,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +154,8 @@ pub struct BuildReport {
     pub snapshot_id: String,
     pub provider: String,
     pub method: String,
+    pub strategy: String,
+    pub build_id: String,
     pub seconds: f64,
     pub done: DoneLine,
 }
@@ -133,10 +182,12 @@ pub fn run_build(args: BuildArgs, json: bool) -> Result<()> {
         .enable_all()
         .build()
         .context("start the async runtime")?;
+    let build_id = new_build_id();
     let created = Created::default();
     {
         let provider = provider.clone();
         let created = created.clone();
+        let build_id = build_id.clone();
         crate::interrupt::on_interrupt(move || {
             eprintln!("imgforge: interrupted; removing what the build created");
             crate::interrupt::remove_partials();
@@ -146,12 +197,14 @@ pub fn run_build(args: BuildArgs, json: bool) -> Result<()> {
             else {
                 return;
             };
-            rt.block_on(delete_servers(provider.as_ref(), &created.all()));
+            rt.block_on(remove_build(provider.as_ref(), &created.all(), &build_id));
         });
     }
-    let result = rt.block_on(build(&args, provider.clone(), &created));
-    // On error, nothing the build created stays behind.
-    rt.block_on(delete_servers(provider.as_ref(), &created.all()));
+    let result = rt.block_on(build(&args, provider.clone(), &created, &build_id));
+    if result.is_err() {
+        // Nothing the failed build created stays behind.
+        rt.block_on(remove_build(provider.as_ref(), &created.all(), &build_id));
+    }
     let report = result?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -164,13 +217,39 @@ pub fn run_build(args: BuildArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// 8 random hex digits.
+fn new_build_id() -> String {
+    let mut bytes = [0u8; 4];
+    if getrandom::fill(&mut bytes).is_err() {
+        bytes = std::process::id().to_le_bytes();
+    }
+    hex::encode(bytes)
+}
+
+/// Deletes the build's servers (with their volumes), then anything else
+/// tagged with its id (a server whose creation was interrupted, a snapshot
+/// that never became an image).
+async fn remove_build(provider: &dyn Provider, servers: &[String], build_id: &str) {
+    delete_servers(provider, servers).await;
+    match provider.cleanup_builds(Some(build_id), false).await {
+        Ok(removed) => {
+            for line in removed {
+                info!("removed {line}");
+            }
+        }
+        Err(e) => warn!(
+            "cleanup of build {build_id}: {e:#} (retry with `imgforge cleanup --build-id {build_id}`)"
+        ),
+    }
+}
+
 async fn delete_servers(provider: &dyn Provider, ids: &[String]) {
     for id in ids {
         if let Err(e) = provider.stop_server(id).await {
             warn!("stop server {id}: {e:#}");
         }
         match provider.delete_server(id, true).await {
-            Ok(()) => info!("deleted build server {id} and its volume"),
+            Ok(()) => info!("deleted build server {id} and its volumes"),
             Err(e) => warn!(
                 "delete server {id}: {e:#} (remove it with `imgforge server rm --force {id}`)"
             ),
@@ -182,8 +261,35 @@ async fn build(
     args: &BuildArgs,
     provider: Arc<dyn Provider>,
     created: &Created,
+    build_id: &str,
 ) -> Result<BuildReport> {
     let started = Instant::now();
+    let strategy = match (args.strategy, provider.name()) {
+        (Some(s), _) => s,
+        (None, "local") => Strategy::Bootscript,
+        (None, _) => Strategy::Helper,
+    };
+    if strategy == Strategy::Helper && provider.name() == "local" {
+        bail!(
+            "the local provider builds with --strategy bootscript: it has no stock images or \
+             cloud-init for a helper server"
+        );
+    }
+    let remote = provider.name() != "local";
+    if !remote && args.public_url.is_some() {
+        bail!(
+            "--public-url is for remote providers: the local provider's servers reach the \
+             artifact server through their own forwards"
+        );
+    }
+    if remote && strategy == Strategy::Bootscript && args.bootscript_id.is_none() {
+        bail!(
+            "--strategy bootscript on {} needs --bootscript-id (the image-creation \
+             bootscript's id). Scaleway removed bootscripts on 2023-05-15: use --strategy helper \
+             unless your endpoint still offers them",
+            provider.name()
+        );
+    }
     // What the agent downloads: the rootfs, or the disk image (from-qcow2),
     // under the parameter names of the original.
     let (input, url_key, sha_key) = match (args.method, &args.rootfs, &args.disk_image) {
@@ -207,10 +313,23 @@ async fn build(
     }
     let work = tempfile::tempdir().context("create a temporary directory")?;
 
-    // The input, and how the server reaches it.
-    let artifacts = ArtifactServer::start(([127, 0, 0, 1], 0).into(), None).await?;
-    let mut tags = vec![format!("build_method={}", args.method.name())];
-    let mut host_services = vec![artifacts.addr()];
+    // The input, and how the server reaches it: through the provider's
+    // forwards (local), or at --public-url as given.
+    let artifacts = ArtifactServer::start(args.listen, args.public_url.clone()).await?;
+    let reach = |url: &str| -> Result<String> {
+        match args.public_url {
+            Some(_) => Ok(url.to_string()),
+            None => provider.guest_url(url),
+        }
+    };
+    let mut tags = vec![
+        format!("{BUILD_TAG_PREFIX}{build_id}"),
+        format!("build_method={}", args.method.name()),
+    ];
+    let mut host_services = Vec::new();
+    if args.public_url.is_none() {
+        host_services.push(artifacts.addr());
+    }
     let resolved = if args.method == Method::FromQcow2 {
         resolve_disk_image(input)?
     } else {
@@ -228,54 +347,80 @@ async fn build(
         }
         Input::File(path) => {
             let served = artifacts.add_file(&path).await?;
-            tags.push(format!("{url_key}={}", provider.guest_url(&served.url)?));
+            tags.push(format!("{url_key}={}", reach(&served.url)?));
             tags.push(format!("{sha_key}={}", served.sha256));
         }
     }
-    tags.push(format!("signal_build_done_port={DONE_PORT}"));
+    let mut done_port = match strategy {
+        Strategy::Bootscript => DONE_PORT,
+        Strategy::Helper => HELPER_DONE_PORT,
+    };
     for param in &args.params {
-        if !param.contains('=') {
+        let Some((key, value)) = param.split_once('=') else {
             bail!("--param {param:?}: expected KEY=VALUE");
+        };
+        if key == "signal_build_done_port" {
+            done_port = value
+                .parse()
+                .with_context(|| format!("--param {param:?}: not a port number"))?;
         }
-        tags.push(param.clone());
     }
+    tags.push(format!("signal_build_done_port={done_port}"));
+    tags.extend(
+        args.params
+            .iter()
+            .filter(|p| !p.starts_with("signal_build_done_port="))
+            .cloned(),
+    );
 
-    // The image-creation bootscript.
-    let bootscript_dir = match &args.bootscript_dir {
-        Some(dir) => dir.clone(),
-        None => {
-            let dir = work.path().join("bootscript");
-            let script = crate::bootscript::load("image-creation-x86_64")?;
+    let (boot, volumes, cloud_init) = match (strategy, remote) {
+        (Strategy::Helper, _) => {
             let agent = crate::bootscript::find_agent()?;
-            info!("building the image-creation bootscript");
-            tokio::task::spawn_blocking({
-                let dir = dir.clone();
-                move || {
-                    crate::bootscript::build(
-                        &script,
-                        crate::bootscript::KernelChoice::FromBootscript,
-                        &agent,
-                        &dir,
-                    )
-                }
-            })
-            .await??;
-            dir
+            let served = artifacts.add_file(&agent).await?;
+            let script = crate::helper_script::cloud_init(
+                &reach(&served.url)?,
+                &served.sha256,
+                &args.helper_volume,
+                build_id,
+            );
+            let volumes = vec![
+                VolumeSpec::Blank {
+                    size: HELPER_ROOT_SIZE,
+                },
+                VolumeSpec::Blank { size: args.size },
+            ];
+            (Boot::Local, volumes, Some(script))
+        }
+        (Strategy::Bootscript, true) => {
+            let id = args.bootscript_id.clone().expect("checked above");
+            (
+                Boot::Bootscript(id),
+                vec![VolumeSpec::Blank { size: args.size }],
+                None,
+            )
+        }
+        (Strategy::Bootscript, false) => {
+            let dir = image_creation_bootscript(args, work.path()).await?;
+            (
+                Boot::Bootscript(dir.to_string_lossy().into_owned()),
+                vec![VolumeSpec::Blank { size: args.size }],
+                None,
+            )
         }
     };
-    let bootscript_dir = std::fs::canonicalize(&bootscript_dir)
-        .with_context(|| format!("bootscript directory {}", bootscript_dir.display()))?;
+    // The agent writes the last volume: the only one of a bootscript
+    // server, the second of a helper.
+    let target_slot = volumes.len() - 1;
 
     let spec = ServerSpec {
-        name: format!("imgforge-build-{}", args.name),
-        boot: Some(Boot::Bootscript(
-            bootscript_dir.to_string_lossy().into_owned(),
-        )),
-        volumes: vec![VolumeSpec::Blank { size: args.size }],
+        name: format!("{BUILD_SERVER_PREFIX}{build_id}-{}", args.name),
+        boot: Some(boot),
+        volumes,
         tags,
-        exposed_ports: vec![DONE_PORT],
+        exposed_ports: vec![done_port],
         host_services,
         memory_mib: Some(args.memory),
+        cloud_init,
     };
     let server = provider.create_server(&spec).await?;
     created.add(&server.id);
@@ -283,7 +428,7 @@ async fn build(
     let server = provider.start_server(&server.id).await?;
     let done_addr = *server
         .endpoints
-        .get(&DONE_PORT)
+        .get(&done_port)
         .context("the provider gave no address for the done-signal port")?;
 
     let done = wait_for_done(provider.as_ref(), &server.id, done_addr, args).await?;
@@ -314,13 +459,22 @@ async fn build(
     provider.stop_server(&server.id).await?;
     let volume = server
         .volumes
-        .first()
-        .context("the build server has no volume")?;
-    info!("snapshotting the volume");
+        .get(target_slot)
+        .with_context(|| format!("the build server has no volume {target_slot}"))?;
+    info!("snapshotting volume {target_slot} ({volume})");
     let snapshot = provider.create_snapshot(volume, &args.name).await?;
-    let image = provider
+    let image = match provider
         .create_image(&args.name, &snapshot.id, &args.arch)
-        .await?;
+        .await
+    {
+        Ok(image) => image,
+        Err(e) => {
+            if let Err(cleanup) = provider.delete_snapshot(&snapshot.id).await {
+                warn!("delete snapshot {}: {cleanup:#}", snapshot.id);
+            }
+            return Err(e);
+        }
+    };
     provider.delete_server(&server.id, true).await?;
     created.remove(&server.id);
     Ok(BuildReport {
@@ -329,9 +483,43 @@ async fn build(
         snapshot_id: snapshot.id,
         provider: provider.name().into(),
         method: args.method.name().into(),
+        strategy: match strategy {
+            Strategy::Bootscript => "bootscript",
+            Strategy::Helper => "helper",
+        }
+        .into(),
+        build_id: build_id.into(),
         seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         done,
     })
+}
+
+/// The image-creation bootscript's directory: `--bootscript-dir`, or built
+/// into `work` from the repository's bootscript and this imgforge's agent.
+async fn image_creation_bootscript(args: &BuildArgs, work: &Path) -> Result<PathBuf> {
+    let dir = match &args.bootscript_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            let dir = work.join("bootscript");
+            let script = crate::bootscript::load("image-creation-x86_64")?;
+            let agent = crate::bootscript::find_agent()?;
+            info!("building the image-creation bootscript");
+            tokio::task::spawn_blocking({
+                let dir = dir.clone();
+                move || {
+                    crate::bootscript::build(
+                        &script,
+                        crate::bootscript::KernelChoice::FromBootscript,
+                        &agent,
+                        &dir,
+                    )
+                }
+            })
+            .await??;
+            dir
+        }
+    };
+    std::fs::canonicalize(&dir).with_context(|| format!("bootscript directory {}", dir.display()))
 }
 
 /// What the agent downloads: a URL it fetches itself, or a local file served to it.

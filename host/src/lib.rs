@@ -6,6 +6,7 @@ pub mod bootscript;
 pub mod build;
 pub mod done_signal;
 pub mod guestfwd;
+pub mod helper_script;
 pub mod inspect;
 pub mod interrupt;
 pub mod kernel;

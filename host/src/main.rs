@@ -76,6 +76,9 @@ enum Command {
         #[command(subcommand)]
         command: host::resources::ImageCommand,
     },
+    /// Remove what interrupted builds left behind (servers, volumes and
+    /// unused snapshots tagged with a build id; never images).
+    Cleanup(host::resources::CleanupArgs),
     /// Serve one metadata connection on stdin/stdout (QEMU runs this per
     /// guest connection to a local server's metadata address).
     #[command(hide = true)]
@@ -174,6 +177,7 @@ fn run(cli: Cli) -> Result<()> {
             host::resources::run_image(command, &provider, cli.json)
         }
         Command::Inspect(args) => host::inspect::run_inspect(args, cli.json),
+        Command::Cleanup(args) => host::resources::run_cleanup(args, cli.json),
         Command::GuestfwdBridge { .. } | Command::LocalMetadata(_) => {
             unreachable!("handled before logging starts")
         }

@@ -254,6 +254,7 @@ pub fn run_server(command: ServerCommand, provider: &ProviderArgs, json: bool) -
                     exposed_ports,
                     host_services: vec![],
                     memory_mib: memory,
+                    cloud_init: None,
                 };
                 let server = p.create_server(&spec).await?;
                 print(json, &server, server_line)
@@ -465,4 +466,46 @@ mod tests {
             .unwrap_err()
             .contains("too large"));
     }
+}
+
+/// `imgforge cleanup`: what interrupted builds left behind.
+#[derive(Args, Debug)]
+pub struct CleanupArgs {
+    /// Only this build's resources (the `imgforge-build=<id>` tag; a build
+    /// prints its id). Without it, every build's leftovers: do not run it
+    /// while another build is running on the same account.
+    #[arg(long, value_name = "ID")]
+    pub build_id: Option<String>,
+    /// List what would be removed, remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub provider: ProviderArgs,
+}
+
+pub fn run_cleanup(args: CleanupArgs, json: bool) -> Result<()> {
+    let provider = args.provider.open()?;
+    let removed =
+        runtime()?.block_on(provider.cleanup_builds(args.build_id.as_deref(), args.dry_run))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "dry_run": args.dry_run,
+                "resources": removed,
+            }))?
+        );
+    } else if removed.is_empty() {
+        println!("nothing to clean up");
+    } else {
+        let verb = if args.dry_run {
+            "would remove"
+        } else {
+            "removed"
+        };
+        for line in removed {
+            println!("{verb} {line}");
+        }
+    }
+    Ok(())
 }

@@ -72,6 +72,7 @@ fn spec() -> ServerSpec {
         exposed_ports: vec![22],
         host_services: vec![],
         memory_mib: None,
+        cloud_init: None,
     }
 }
 

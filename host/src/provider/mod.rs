@@ -50,6 +50,10 @@ pub struct ServerSpec {
     pub host_services: Vec<SocketAddr>,
     /// Guest memory in MiB (local) or the commercial type's (cloud).
     pub memory_mib: Option<u32>,
+    /// A script cloud-init runs at the first boot of a server that starts
+    /// from a stock image (the helper strategy). A provider without user
+    /// data refuses it.
+    pub cloud_init: Option<String>,
 }
 
 /// Scaleway's server states.
@@ -157,6 +161,26 @@ pub trait Provider: Send + Sync {
     /// The URL a server uses for `url`, a URL on this machine (the artifact
     /// server); its address must be among the spec's `host_services`.
     fn guest_url(&self, url: &str) -> Result<String>;
+
+    /// Removes what builds left behind (a build that was killed, or whose
+    /// own cleanup failed): servers tagged [`BUILD_TAG_PREFIX`]`<id>` with
+    /// their volumes, and the snapshots of such builds that no image uses.
+    /// Images are never removed. `build` restricts it to one build id;
+    /// `dry_run` only lists. Returns one line per resource.
+    async fn cleanup_builds(&self, build: Option<&str>, dry_run: bool) -> Result<Vec<String>>;
+}
+
+/// `imgforge-build=<id>`: the tag on everything a build creates.
+pub const BUILD_TAG_PREFIX: &str = "imgforge-build=";
+
+/// The name of every build server starts with this, then the build id and
+/// a dash (`imgforge-build-<id>-<image name>`); a provider names the
+/// server's volumes after it.
+pub const BUILD_SERVER_PREFIX: &str = "imgforge-build-";
+
+/// The build id in a list of tags, if any.
+pub fn build_id_of(tags: &[String]) -> Option<&str> {
+    tags.iter().find_map(|t| t.strip_prefix(BUILD_TAG_PREFIX))
 }
 
 /// Picks the one item whose id is `key`, else the one named `key`.

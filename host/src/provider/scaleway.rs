@@ -46,9 +46,7 @@ pub const MARKER_TAG: &str = "imgforge";
 /// `imgforge-exposed-ports=22,80`: the spec's exposed ports, kept on the
 /// server so that any later process can compute its endpoints.
 pub const EXPOSED_PORTS_TAG: &str = "imgforge-exposed-ports=";
-/// Tags starting with this (`imgforge-build=<id>`) are copied from a server
-/// to the snapshots of its volumes and the images made of them.
-pub const BUILD_TAG_PREFIX: &str = "imgforge-build=";
+pub use super::{BUILD_SERVER_PREFIX, BUILD_TAG_PREFIX};
 
 /// What a server, a snapshot or an image is created with, and how long to
 /// wait for them.
@@ -323,10 +321,12 @@ fn is_bootscript_refusal(error: &scw::Error) -> bool {
     text.contains("bootscript") || text.contains("boot_type")
 }
 
+/// Loopback, or a wildcard listening address (0.0.0.0) that is nobody's
+/// address to connect to.
 fn is_loopback_host(url: &url::Url) -> bool {
     match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback() || ip.is_unspecified(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback() || ip.is_unspecified(),
         Some(url::Host::Domain(d)) => d == "localhost" || d.ends_with(".localhost"),
         None => false,
     }
@@ -351,18 +351,24 @@ impl Provider for ScalewayProvider {
                  artifacts on a public address (--listen) and pass --public-url"
             );
         }
+        let server_name = unique_name(&spec.name);
         let volumes = spec
             .volumes
             .iter()
             .enumerate()
             .map(|(index, volume)| {
+                // Named after the server, so that a cleanup finds them
+                // once they are detached.
+                let name = Some(format!("{server_name}-vol{index}"));
                 let template = match volume {
                     VolumeSpec::Blank { size } => VolumeTemplate {
+                        name,
                         size: Some(*size),
                         volume_type: Some("l_ssd".to_string()),
                         ..VolumeTemplate::default()
                     },
                     VolumeSpec::FromSnapshot { snapshot } => VolumeTemplate {
+                        name,
                         base_snapshot: Some(snapshot.clone()),
                         volume_type: Some("l_ssd".to_string()),
                         ..VolumeTemplate::default()
@@ -375,11 +381,18 @@ impl Provider for ScalewayProvider {
             Some(Boot::Bootscript(id)) => Some(id.clone()),
             Some(Boot::Local) | None => None,
         };
+        if bootscript.is_some() && spec.cloud_init.is_some() {
+            bail!("cloud-init runs in a stock image, not in a bootscript's initrd");
+        }
         let request = CreateServerRequest {
-            name: unique_name(&spec.name),
+            name: server_name,
             commercial_type: self.options.commercial_type.clone(),
             project: None,
-            image: Some(self.options.image_label.clone()),
+            // A bootscript boots its own kernel and initrd; volume 0 is blank.
+            image: bootscript
+                .is_none()
+                .then(|| self.options.image_label.clone()),
+            bootscript: bootscript.clone(),
             volumes,
             boot_type: Some(
                 if bootscript.is_some() {
@@ -411,6 +424,18 @@ impl Provider for ScalewayProvider {
             }
         };
         info!(id = %created.id, name = %created.name, "created server");
+        if let Some(script) = &spec.cloud_init {
+            if let Err(e) = self.set_user_data(&created.id, "cloud-init", script).await {
+                // The caller never learns the server's id: remove it here.
+                if let Err(cleanup) = self.delete_server(&created.id, true).await {
+                    warn!(
+                        "could not remove server {} after the failure: {cleanup:#}",
+                        created.id
+                    );
+                }
+                return Err(e);
+            }
+        }
         to_server(&created)
     }
 
@@ -685,6 +710,65 @@ impl Provider for ScalewayProvider {
             );
         }
         Ok(url.to_string())
+    }
+
+    /// Servers with a build tag (stopped, then deleted with their volumes),
+    /// detached volumes named after a build server, and snapshots with a
+    /// build tag that no image uses.
+    async fn cleanup_builds(&self, build: Option<&str>, dry_run: bool) -> Result<Vec<String>> {
+        let wanted = |tags: &[String]| {
+            super::build_id_of(tags).is_some_and(|id| build.is_none_or(|b| b == id))
+        };
+        let mut removed = Vec::new();
+        for server in self.list_servers().await? {
+            if !wanted(&server.tags) {
+                continue;
+            }
+            removed.push(format!(
+                "server {} ({}) with its volumes",
+                server.name, server.id
+            ));
+            if !dry_run {
+                self.stop_server(&server.id).await?;
+                self.delete_server(&server.id, true).await?;
+            }
+        }
+        // Volumes a build server left when it was deleted without them.
+        let prefix = match build {
+            Some(id) => format!("{BUILD_SERVER_PREFIX}{id}-"),
+            None => BUILD_SERVER_PREFIX.to_string(),
+        };
+        for volume in self.list_volumes().await? {
+            if volume.server.is_some() || !volume.name.starts_with(&prefix) {
+                continue;
+            }
+            removed.push(format!("volume {} ({})", volume.name, volume.id));
+            if !dry_run {
+                self.delete_volume(&volume.id).await?;
+            }
+        }
+        let query = [("project", self.client.project_id().to_string())];
+        let snapshots: Vec<scw::Snapshot> = self
+            .client
+            .list_all("/snapshots", &query, "snapshots")
+            .await
+            .context("list snapshots")?;
+        let used: Vec<String> = self
+            .list_images()
+            .await?
+            .into_iter()
+            .map(|image| image.root_volume)
+            .collect();
+        for snapshot in snapshots {
+            if !wanted(&snapshot.tags) || used.contains(&snapshot.id) {
+                continue;
+            }
+            removed.push(format!("snapshot {} ({})", snapshot.name, snapshot.id));
+            if !dry_run {
+                self.delete_snapshot(&snapshot.id).await?;
+            }
+        }
+        Ok(removed)
     }
 }
 

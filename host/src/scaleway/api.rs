@@ -225,6 +225,10 @@ pub struct CreateServerRequest {
     /// `local` (default), `rescue`, `bootscript` (gone).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub boot_type: Option<String>,
+    /// The bootscript id, with `boot_type: bootscript` (a field the API
+    /// dropped with bootscripts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bootscript: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

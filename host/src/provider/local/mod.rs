@@ -271,6 +271,12 @@ impl LocalProvider {
         if spec.volumes.is_empty() {
             bail!("a server needs at least one volume");
         }
+        if spec.cloud_init.is_some() {
+            bail!(
+                "the local provider has no stock images or cloud-init: build with the \
+                 image-creation bootscript (--strategy bootscript)"
+            );
+        }
         let mut ports = std::collections::BTreeSet::new();
         for service in &spec.host_services {
             if !service.ip().is_loopback() {
@@ -656,6 +662,30 @@ impl Provider for LocalProvider {
             .set_ip_host(IpAddr::V4(HOST_SERVICES_GUEST_IP))
             .map_err(|()| anyhow::anyhow!("{url}: cannot rewrite its host"))?;
         Ok(parsed.to_string())
+    }
+
+    /// Local snapshots are made only from stopped build servers, right before
+    /// the image: the servers are what a killed build leaves behind.
+    async fn cleanup_builds(&self, build: Option<&str>, dry_run: bool) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        for server in self.list_servers().await? {
+            let Some(id) = super::build_id_of(&server.tags) else {
+                continue;
+            };
+            if build.is_some_and(|b| b != id) {
+                continue;
+            }
+            let line = format!(
+                "server {} ({}) of build {id}, with its volumes",
+                server.name, server.id
+            );
+            if !dry_run {
+                self.stop_server(&server.id).await?;
+                self.delete_server(&server.id, true).await?;
+            }
+            removed.push(line);
+        }
+        Ok(removed)
     }
 }
 
