@@ -8,8 +8,8 @@
 //!
 //! * servers: `POST /servers` (201 `{server}` + `Location`), `GET
 //!   /servers/{id}`, `GET /servers?tags=a,b&name=&state=&project=&page=&per_page=`,
-//!   `PATCH /servers/{id}` (`name`, `tags`), `DELETE /servers/{id}` (204,
-//!   volumes survive);
+//!   `PATCH /servers/{id}` (`name`, `tags`, `boot_type`), `DELETE
+//!   /servers/{id}` (204, volumes survive);
 //! * actions: `GET /servers/{id}/action` (`{actions[]}`), `POST` the same with
 //!   `{"action": poweron|poweroff|stop_in_place|reboot|terminate}` (202
 //!   `{task}`);
@@ -29,6 +29,10 @@
 //! paginate with `page` (from 1) and `per_page` (1..=100, default 50), and
 //! carry `total_count`, `X-Total-Count` and a `Link` header.
 //!
+//! With [`Builder::bootscripts`], also the legacy bootscript flow (see
+//! "Legacy API mode"); with [`FakeScaleway::serve_metadata`], the metadata
+//! API of one server (reference §4).
+//!
 //! Server states follow §2.2: `stopped` → (`poweron`) `starting` → `running`
 //! → (`poweroff`) `stopping` → `stopped`, or (`stop_in_place`) → `stopped in
 //! place`; `reboot` goes through `starting`; `terminate` shows `stopping` and
@@ -36,7 +40,45 @@
 //! `sbs_volume` is only detached). Snapshots go `snapshotting` → `available`,
 //! images `creating` → `available`.
 //!
+//! # Legacy API mode ([`Builder::bootscripts`])
+//!
+//! The Instance API before bootscripts were removed (15 May 2023, reference
+//! §0), for contract tests of the original flow (`scw create
+//! --bootscript=X 50G`, §6). Only the ids given to the builder are known;
+//! each is shown as the historical object of §2.4 (`{id, title, kernel,
+//! initrd, bootcmdargs, dtb, architecture, default, public, organization,
+//! zone}`). In this mode:
+//!
+//! * `POST /servers` with `"boot_type": "bootscript"` and `"bootscript":
+//!   "<id>"` is accepted, with or without `image`. Without one, the server's
+//!   `image` is `null`, its `arch` is the bootscript's, and `volumes["0"]`
+//!   needs a `size` (400 `invalid_arguments`, `size`/`required` otherwise).
+//! * The server JSON has `"boot_type": "bootscript"` and `"bootscript": {…}`
+//!   (other servers keep `"bootscript": null`); [`Server::bootscript`] holds
+//!   the id.
+//! * `PATCH /servers/{id}` accepts `boot_type: bootscript` (and a
+//!   `bootscript` id), as image-tools sent.
+//! * `GET /bootscripts?arch=&title=&default=&public=` and `GET
+//!   /bootscripts/{id}` answer (`{bootscripts[]}` paginated, `{bootscript}`).
+//!
+//! Without [`Builder::bootscripts`] all of this is refused as today (see
+//! Assumptions) and `/bootscripts` has no route (404).
+//!
 //! # Assumptions (where the reference says "unverified" or is silent)
+//!
+//! * Legacy mode: an unknown bootscript id (`POST`/`PATCH /servers`, `GET
+//!   /bootscripts/{id}`) is 404 `not_found` with `resource:
+//!   "instance_bootscript"`, by analogy with `instance_image`; the name is a
+//!   guess. `boot_type: bootscript` with no `bootscript` id (none in the body,
+//!   none on the server already) is 400 `invalid_arguments`
+//!   (`bootscript`/`required`): the old API may have fallen back to a default
+//!   bootscript, but the fake makes the client name the one it means. Every
+//!   bootscript has `default: false`, `public: true`, bootcmdargs `LINUX_COMMON
+//!   scaleway boot=local nbd.max_part=16` (§2.4's example) and kernel/initrd
+//!   URLs under `http://fake-bootscripts.invalid/<id>/` (nothing serves them).
+//!   Its architecture is not checked against the image's.
+//! * `PATCH /servers/{id}` stores `boot_type` `local`/`rescue` and refuses
+//!   other values with 400 `invalid_arguments` (`boot_type`/`constraint`).
 //!
 //! * Wrong-state actions (e.g. `poweron` on a running server) answer **412**
 //!   `{"type":"precondition_failed","message":"server should be stopped"}`;
@@ -50,7 +92,8 @@
 //! * `DELETE /volumes/{id}` of an attached volume, and of a snapshot that an
 //!   image uses, answer 412 `precondition_failed` with `precondition:
 //!   "resource_still_in_use"` and a `help_message`.
-//! * `boot_type: "bootscript"` (and a `bootscript` field) is refused with 400
+//! * Outside legacy mode, `boot_type: "bootscript"` (and, on `POST`, a
+//!   `bootscript` field) is refused with 400
 //!   `invalid_arguments`, `details[{argument_name:"boot_type",
 //!   reason:"constraint", help_message:"bootscripts are no longer
 //!   supported…"}]`. The reference says the API rejects bootscripts since
@@ -94,6 +137,19 @@
 //!   public address of every server is [`Builder::public_address`] (default
 //!   127.0.0.1). [`FakeScaleway::set_state_detail`] plays the guest's
 //!   `PATCH /state`.
+//! * The guest's metadata API: `let md = fake.serve_metadata(&id).await;`
+//!   binds `127.0.0.1:0` and serves `host::metadata_server::router` (the
+//!   same router as the local provider's) over the fake's record of that
+//!   server, looked up on every request: `GET /conf[?format=json]` (id, name,
+//!   hostname, tags, state, state_detail, public_ip, volumes, bootscript,
+//!   …), `PATCH /state` (sets the server's `state_detail`, so `GET
+//!   /servers/{id}` shows it), `GET /user_data[?format=json]` and
+//!   `GET|PATCH|DELETE /user_data/{key}` (the same values as the Instance
+//!   API's `/servers/{id}/user_data/{key}`). Like that router, it does
+//!   **not** enforce the privileged source port (< 1024) of `user_data`;
+//!   nor does it inject 429s or record [`FakeScaleway::calls`]. It runs
+//!   until the `FakeScaleway` is dropped; once the server is deleted, every
+//!   request answers 500.
 //! * Faults: [`FakeScaleway::inject_429`] (bare 429: no body, no
 //!   `Retry-After`), [`FakeScaleway::inject_500`], [`FakeScaleway::fail_next`]
 //!   (one response by path prefix; the request has no effect) and
@@ -115,6 +171,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use host::metadata_server::{MetadataStore, ServerMetadata, VolumeMetadata};
 use serde_json::{json, Map, Value};
 use tokio::task::JoinHandle;
 
@@ -171,8 +228,11 @@ pub struct Server {
     pub state_detail: String,
     pub boot_type: String,
     pub tags: Vec<String>,
-    /// The image id (labels are resolved).
+    /// The image id (labels are resolved); empty for a legacy bootscript
+    /// server created without an image.
     pub image: String,
+    /// The bootscript id ([`Builder::bootscripts`] mode only).
+    pub bootscript: Option<String>,
     /// Volume ids by index (`"0"` is the root volume).
     pub volumes: BTreeMap<u32, String>,
     /// The public address, if the server has a dynamic IP.
@@ -247,6 +307,14 @@ struct StockImage {
     arch: String,
 }
 
+/// A bootscript of the legacy mode ([`Builder::bootscripts`]).
+#[derive(Clone, Debug)]
+struct Bootscript {
+    id: String,
+    title: String,
+    arch: String,
+}
+
 type PoweronHook = Arc<dyn Fn(&Server) + Send + Sync>;
 
 #[derive(Clone, Debug)]
@@ -273,6 +341,8 @@ struct Config {
     public_address: Option<IpAddr>,
     labels: BTreeMap<String, StockImage>,
     commercial_types: Vec<String>,
+    /// `Some`: the legacy (pre-May-2023) API that accepts these bootscripts.
+    bootscripts: Option<Vec<Bootscript>>,
 }
 
 #[derive(Default)]
@@ -338,6 +408,31 @@ impl Builder {
         self
     }
 
+    /// The legacy API (before bootscripts were removed on 2023-05-15):
+    /// `boot_type: "bootscript"` with `bootscript: <id>` is accepted for
+    /// these ids (titled `Image creation <id>`, `x86_64`), and `GET
+    /// /bootscripts[/{id}]` answers. See the module doc. May be called more
+    /// than once; an empty list still turns the mode on.
+    pub fn bootscripts(mut self, ids: &[&str]) -> Self {
+        for id in ids {
+            self = self.bootscript(id, &format!("Image creation {id}"), "x86_64");
+        }
+        self.cfg.bootscripts.get_or_insert_with(Vec::new);
+        self
+    }
+    /// Like [`Builder::bootscripts`], for one bootscript with a chosen
+    /// `title` and `arch` (`x86_64`, `arm`, `arm64`).
+    pub fn bootscript(mut self, id: &str, title: &str, arch: &str) -> Self {
+        let list = self.cfg.bootscripts.get_or_insert_with(Vec::new);
+        list.retain(|b| b.id != id);
+        list.push(Bootscript {
+            id: id.into(),
+            title: title.into(),
+            arch: arch.into(),
+        });
+        self
+    }
+
     /// Binds 127.0.0.1:0 and serves in the current tokio runtime.
     pub async fn start(self) -> FakeScaleway {
         let inner = Arc::new(Inner {
@@ -357,7 +452,12 @@ impl Builder {
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        FakeScaleway { inner, addr, task }
+        FakeScaleway {
+            inner,
+            addr,
+            task,
+            metadata: Mutex::new(vec![]),
+        }
     }
 }
 
@@ -377,11 +477,16 @@ pub struct FakeScaleway {
     inner: Arc<Inner>,
     addr: SocketAddr,
     task: JoinHandle<()>,
+    /// The servers of [`FakeScaleway::serve_metadata`].
+    metadata: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Drop for FakeScaleway {
     fn drop(&mut self) {
         self.task.abort();
+        for t in self.metadata.lock().unwrap().drain(..) {
+            t.abort();
+        }
     }
 }
 
@@ -401,6 +506,7 @@ impl FakeScaleway {
             public_address: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             labels: BTreeMap::new(),
             commercial_types: COMMERCIAL_TYPES.iter().map(|s| s.to_string()).collect(),
+            bootscripts: None,
         };
         add_label(&mut cfg, "debian_bookworm", "x86_64");
         add_label(&mut cfg, "ubuntu_jammy", "x86_64");
@@ -492,6 +598,39 @@ impl FakeScaleway {
         }
     }
 
+    /// Serves the instance metadata API (reference §4) of server
+    /// `server_id` on `127.0.0.1:<ephemeral>`, for a test that plays the
+    /// guest: `http://{addr}/conf?format=json` is what the guest would read
+    /// at `169.254.42.42`. It is `host::metadata_server::router` over the
+    /// fake's own server record, looked up on every request: tag, user data
+    /// and state changes made through the Instance API show at once, and
+    /// the guest's `PATCH /state` and `user_data` writes show in the
+    /// Instance API. It runs until the `FakeScaleway` is dropped; requests
+    /// are not in [`FakeScaleway::calls`], and faults do not apply to it.
+    ///
+    /// Panics if there is no such server now. Once the server is deleted,
+    /// every request answers 500.
+    pub async fn serve_metadata(&self, server_id: &str) -> SocketAddr {
+        assert!(
+            self.server(server_id).is_some(),
+            "serve_metadata: no server {server_id}"
+        );
+        let store: Arc<dyn MetadataStore> = Arc::new(FakeMetadata {
+            inner: self.inner.clone(),
+            server: server_id.into(),
+        });
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind the fake metadata API");
+        let addr = listener.local_addr().unwrap();
+        let app = host::metadata_server::router(store);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        self.metadata.lock().unwrap().push(task);
+        addr
+    }
+
     /// Every request so far, in order.
     pub fn calls(&self) -> Vec<Call> {
         self.inner.state.lock().unwrap().calls.clone()
@@ -518,6 +657,99 @@ impl FakeScaleway {
         let mut st = self.inner.state.lock().unwrap();
         st.tick(false);
         st.images.clone()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The metadata API of one server
+
+/// [`MetadataStore`] over the fake's record of one server.
+struct FakeMetadata {
+    inner: Arc<Inner>,
+    server: String,
+}
+
+impl FakeMetadata {
+    fn with_server<T>(&self, f: impl FnOnce(&Config, &mut State, usize) -> T) -> anyhow::Result<T> {
+        let cfg = self.inner.cfg.lock().unwrap();
+        let mut st = self.inner.state.lock().unwrap();
+        st.tick(false);
+        let i = st
+            .servers
+            .iter()
+            .position(|s| s.id == self.server)
+            .ok_or_else(|| anyhow::anyhow!("server {} no longer exists", self.server))?;
+        Ok(f(&cfg, &mut st, i))
+    }
+}
+
+impl MetadataStore for FakeMetadata {
+    fn conf(&self) -> anyhow::Result<Option<ServerMetadata>> {
+        self.with_server(|cfg, st, i| {
+            let s = &st.servers[i];
+            let mut meta = ServerMetadata::new(&s.id, &s.name);
+            meta.commercial_type = s.commercial_type.clone();
+            meta.project = s.project.clone();
+            meta.organization = cfg.organization.clone();
+            meta.arch = s.arch.clone();
+            meta.zone = s.zone.clone();
+            meta.location.zone_id = s.zone.clone();
+            meta.tags = s.tags.clone();
+            meta.state_detail = s.state_detail.clone();
+            meta.state = s.state.clone();
+            meta.mac_address = s.mac_address.clone();
+            meta.public_ip = s.public_address.map(|a| {
+                json!({
+                    "id": s.public_ip_id,
+                    "address": a.to_string(),
+                    "dynamic": true,
+                    "gateway": "62.210.0.1",
+                    "netmask": "32",
+                    "family": if a.is_ipv4() { "inet" } else { "inet6" },
+                })
+            });
+            meta.bootscript = s
+                .bootscript
+                .as_deref()
+                .and_then(|id| find_bootscript(cfg, id))
+                .map(|b| bootscript_json(cfg, b, &s.zone));
+            for (idx, vid) in &s.volumes {
+                if let Some(v) = st.volumes.iter().find(|v| &v.id == vid) {
+                    meta.volumes.insert(
+                        idx.to_string(),
+                        VolumeMetadata {
+                            id: v.id.clone(),
+                            name: v.name.clone(),
+                            volume_type: v.volume_type.clone(),
+                            size: v.size,
+                        },
+                    );
+                }
+            }
+            Some(meta)
+        })
+    }
+
+    fn set_state_detail(&self, detail: &str) -> anyhow::Result<()> {
+        self.with_server(|_, st, i| st.servers[i].state_detail = detail.into())
+    }
+
+    fn user_data_keys(&self) -> anyhow::Result<Vec<String>> {
+        self.with_server(|_, st, i| st.servers[i].user_data.keys().cloned().collect())
+    }
+
+    fn user_data(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        self.with_server(|_, st, i| st.servers[i].user_data.get(key).cloned())
+    }
+
+    fn set_user_data(&self, key: &str, value: Vec<u8>) -> anyhow::Result<()> {
+        self.with_server(|_, st, i| {
+            st.servers[i].user_data.insert(key.into(), value);
+        })
+    }
+
+    fn delete_user_data(&self, key: &str) -> anyhow::Result<bool> {
+        self.with_server(|_, st, i| st.servers[i].user_data.remove(key).is_some())
     }
 }
 
@@ -964,6 +1196,26 @@ fn route(
             st.pending.remove(*id);
             Ok(Reply::empty(StatusCode::NO_CONTENT))
         }
+        ("GET", ["bootscripts"]) if cfg.bootscripts.is_some() => {
+            let bool_q = |k: &str, v: bool| req.q(k).is_none_or(|q| q == v.to_string());
+            let items: Vec<Value> = cfg
+                .bootscripts
+                .iter()
+                .flatten()
+                .filter(|b| req.q("arch").is_none_or(|a| b.arch == a))
+                .filter(|b| req.q("title").is_none_or(|t| b.title.contains(t)))
+                .filter(|_| bool_q("default", false) && bool_q("public", true))
+                .map(|b| bootscript_json(cfg, b, &req.zone))
+                .collect();
+            paginate(&req, "bootscripts", items)
+        }
+        ("GET", ["bootscripts", id]) if cfg.bootscripts.is_some() => {
+            let b = find_bootscript(cfg, id).ok_or_else(|| not_found("instance_bootscript", id))?;
+            Ok(Reply::json(
+                StatusCode::OK,
+                json!({"bootscript": bootscript_json(cfg, b, &req.zone)}),
+            ))
+        }
         ("POST", ["images"]) => create_image(cfg, st, &req),
         ("GET", ["images"]) => {
             let items: Vec<Value> = st
@@ -1106,46 +1358,75 @@ fn check_project(cfg: &Config, m: &Map<String, Value>) -> Result<String, Reply> 
     }
 }
 
-fn create_server(cfg: &Config, st: &mut State, req: &Req) -> R {
-    let m = req.json()?;
-    let mut details = vec![];
-    for k in ["commercial_type", "image", "volumes"] {
-        if m.get(k).is_none_or(|v| v.is_null()) {
-            details.push((k, "required", format!("{k} is required")));
-        }
+fn find_bootscript<'a>(cfg: &'a Config, id: &str) -> Option<&'a Bootscript> {
+    cfg.bootscripts.as_ref()?.iter().find(|b| b.id == id)
+}
+
+fn valid_boot_type(cfg: &Config, boot_type: &str) -> bool {
+    ["local", "rescue"].contains(&boot_type)
+        || (cfg.bootscripts.is_some() && boot_type == "bootscript")
+}
+
+fn boot_type_help(cfg: &Config) -> &'static str {
+    if cfg.bootscripts.is_some() {
+        "boot_type must be local, rescue or bootscript"
+    } else {
+        "boot_type must be local or rescue"
     }
-    if !details.is_empty() {
-        return Err(invalid(details));
+}
+
+/// Legacy mode: the bootscript a create or update body leaves the server
+/// with. `boot_type` is the one the server will have, `current` the
+/// server's bootscript (`None` on create). An unknown id is 404
+/// `instance_bootscript`; `boot_type: bootscript` with no bootscript at all
+/// is 400 `required`.
+fn legacy_bootscript(
+    cfg: &Config,
+    m: &Map<String, Value>,
+    boot_type: &str,
+    current: Option<&str>,
+) -> Result<Option<String>, Reply> {
+    match str_field(m, "bootscript")? {
+        Some(id) => find_bootscript(cfg, id)
+            .map(|b| Some(b.id.clone()))
+            .ok_or_else(|| not_found("instance_bootscript", id)),
+        None if boot_type == "bootscript" && current.is_none() => Err(invalid(vec![(
+            "bootscript",
+            "required",
+            "boot_type bootscript needs a bootscript id".into(),
+        )])),
+        None => Ok(current.map(String::from)),
     }
-    let boot_type = str_field(&m, "boot_type")?.unwrap_or("local").to_string();
-    if boot_type == "bootscript" || m.get("bootscript").is_some_and(|v| !v.is_null()) {
-        return Err(invalid(vec![(
-            "boot_type",
-            "constraint",
-            "bootscripts are no longer supported: use boot_type local or rescue".into(),
-        )]));
-    }
-    if !["local", "rescue"].contains(&boot_type.as_str()) {
-        return Err(invalid(vec![(
-            "boot_type",
-            "constraint",
-            "boot_type must be local or rescue".into(),
-        )]));
-    }
-    let commercial_type = str_field(&m, "commercial_type")?.unwrap().to_string();
-    if !cfg.commercial_types.contains(&commercial_type) {
-        return Err(invalid(vec![(
-            "commercial_type",
-            "constraint",
-            format!("unknown commercial type {commercial_type:?}"),
-        )]));
-    }
-    let project = check_project(cfg, &m)?;
-    let tags = tags_field(&m)?.unwrap_or_default();
-    let image_ref = str_field(&m, "image")?.unwrap();
-    let (image_id, image_arch, root_size) = if is_uuid(image_ref) {
+}
+
+/// The historical bootscript object (reference §2.4).
+fn bootscript_json(cfg: &Config, b: &Bootscript, zone: &str) -> Value {
+    let base = format!("http://fake-bootscripts.invalid/{}", b.id);
+    json!({
+        "id": b.id,
+        "title": b.title,
+        "kernel": format!("{base}/vmlinuz"),
+        "initrd": format!("{base}/initrd.gz"),
+        "bootcmdargs": "LINUX_COMMON scaleway boot=local nbd.max_part=16",
+        "dtb": "",
+        "architecture": b.arch,
+        "default": false,
+        "public": true,
+        "organization": cfg.organization,
+        "zone": zone,
+    })
+}
+
+/// An image UUID or label: its id, arch and root size.
+fn resolve_image(
+    cfg: &Config,
+    st: &State,
+    req: &Req,
+    image_ref: &str,
+) -> Result<(String, String, Option<u64>), Reply> {
+    Ok(if is_uuid(image_ref) {
         if let Some(i) = cfg.labels.values().find(|i| i.id == image_ref) {
-            (i.id.clone(), i.arch.clone(), ROOT_SIZE)
+            (i.id.clone(), i.arch.clone(), Some(ROOT_SIZE))
         } else {
             let img = st
                 .images
@@ -1160,14 +1441,74 @@ fn create_server(cfg: &Config, st: &mut State, req: &Req) -> R {
                 .iter()
                 .find(|s| s.id == img.root_volume)
                 .map_or(ROOT_SIZE, |s| s.size);
-            (img.id.clone(), img.arch.clone(), size)
+            (img.id.clone(), img.arch.clone(), Some(size))
         }
     } else {
         let i = cfg
             .labels
             .get(image_ref)
             .ok_or_else(|| not_found("instance_image", image_ref))?;
-        (i.id.clone(), i.arch.clone(), ROOT_SIZE)
+        (i.id.clone(), i.arch.clone(), Some(ROOT_SIZE))
+    })
+}
+
+fn create_server(cfg: &Config, st: &mut State, req: &Req) -> R {
+    let m = req.json()?;
+    // Legacy mode: a bootscript server needs no image.
+    let legacy_boot = cfg.bootscripts.is_some() && m.get("boot_type") == Some(&json!("bootscript"));
+    let mut details = vec![];
+    for k in ["commercial_type", "image", "volumes"] {
+        if k == "image" && legacy_boot {
+            continue;
+        }
+        if m.get(k).is_none_or(|v| v.is_null()) {
+            details.push((k, "required", format!("{k} is required")));
+        }
+    }
+    if !details.is_empty() {
+        return Err(invalid(details));
+    }
+    let boot_type = str_field(&m, "boot_type")?.unwrap_or("local").to_string();
+    let bootscript = match &cfg.bootscripts {
+        None => {
+            if boot_type == "bootscript" || m.get("bootscript").is_some_and(|v| !v.is_null()) {
+                return Err(invalid(vec![(
+                    "boot_type",
+                    "constraint",
+                    "bootscripts are no longer supported: use boot_type local or rescue".into(),
+                )]));
+            }
+            None
+        }
+        Some(_) => legacy_bootscript(cfg, &m, &boot_type, None)?,
+    };
+    if !valid_boot_type(cfg, &boot_type) {
+        return Err(invalid(vec![(
+            "boot_type",
+            "constraint",
+            boot_type_help(cfg).into(),
+        )]));
+    }
+    let commercial_type = str_field(&m, "commercial_type")?.unwrap().to_string();
+    if !cfg.commercial_types.contains(&commercial_type) {
+        return Err(invalid(vec![(
+            "commercial_type",
+            "constraint",
+            format!("unknown commercial type {commercial_type:?}"),
+        )]));
+    }
+    let project = check_project(cfg, &m)?;
+    let tags = tags_field(&m)?.unwrap_or_default();
+    // `root_size` is `None` without an image: volume "0" needs a size.
+    let (image_id, image_arch, root_size) = match str_field(&m, "image")? {
+        Some(image_ref) => resolve_image(cfg, st, req, image_ref)?,
+        None => {
+            let b = bootscript
+                .as_ref()
+                .and_then(|id| find_bootscript(cfg, id))
+                .expect("only a legacy bootscript server may omit the image");
+            (String::new(), b.arch.clone(), None)
+        }
     };
     let Some(Value::Object(vols)) = m.get("volumes") else {
         return Err(invalid(vec![(
@@ -1214,16 +1555,16 @@ fn create_server(cfg: &Config, st: &mut State, req: &Req) -> R {
                 format!("volume type {volume_type:?} is not supported"),
             )]));
         }
-        let size = match v.get("size") {
-            None | Some(Value::Null) if idx == 0 => root_size,
-            None | Some(Value::Null) => {
+        let size = match (v.get("size"), root_size) {
+            (None | Some(Value::Null), Some(root_size)) if idx == 0 => root_size,
+            (None | Some(Value::Null), _) => {
                 return Err(invalid(vec![(
                     "size",
                     "required",
                     format!("volumes[{k}].size is required"),
                 )]))
             }
-            Some(s) => s.as_u64().filter(|s| *s > 0).ok_or_else(|| {
+            (Some(s), _) => s.as_u64().filter(|s| *s > 0).ok_or_else(|| {
                 invalid(vec![(
                     "size",
                     "format",
@@ -1231,7 +1572,7 @@ fn create_server(cfg: &Config, st: &mut State, req: &Req) -> R {
                 )])
             })?,
         };
-        if idx == 0 && size < root_size {
+        if let Some(root_size) = root_size.filter(|r| idx == 0 && size < *r) {
             return Err(invalid(vec![(
                 "size",
                 "constraint",
@@ -1256,6 +1597,13 @@ fn create_server(cfg: &Config, st: &mut State, req: &Req) -> R {
         );
     }
     if !new_vols.contains_key(&0) && !attach.contains_key(&0) {
+        let Some(root_size) = root_size else {
+            return Err(invalid(vec![(
+                "size",
+                "required",
+                "volumes[0].size is required without an image".into(),
+            )]));
+        };
         new_vols.insert(
             0,
             Volume {
@@ -1298,6 +1646,7 @@ fn create_server(cfg: &Config, st: &mut State, req: &Req) -> R {
         boot_type,
         tags,
         image: image_id,
+        bootscript,
         volumes,
         public_address,
         public_ip_id: public_address.map(|_| new_id()),
@@ -1339,17 +1688,35 @@ fn list_servers(cfg: &Config, st: &mut State, req: &Req) -> R {
 }
 
 fn update_server(cfg: &Config, st: &mut State, req: &Req, id: &str) -> R {
-    st.server(&req.zone, id)?;
+    let current = st.server(&req.zone, id)?;
     let m = req.json()?;
     let name = str_field(&m, "name")?.map(String::from);
     let tags = tags_field(&m)?;
-    if str_field(&m, "boot_type")? == Some("bootscript") {
+    let boot_type = str_field(&m, "boot_type")?;
+    if boot_type == Some("bootscript") && cfg.bootscripts.is_none() {
         return Err(invalid(vec![(
             "boot_type",
             "constraint",
             "bootscripts are no longer supported: use boot_type local or rescue".into(),
         )]));
     }
+    if let Some(b) = boot_type.filter(|b| !valid_boot_type(cfg, b)) {
+        return Err(invalid(vec![(
+            "boot_type",
+            "constraint",
+            format!("{} (got {b:?})", boot_type_help(cfg)),
+        )]));
+    }
+    let bootscript = match cfg.bootscripts {
+        Some(_) => legacy_bootscript(
+            cfg,
+            &m,
+            boot_type.unwrap_or(&current.boot_type),
+            current.bootscript.as_deref(),
+        )?,
+        None => None,
+    };
+    let boot_type = boot_type.map(String::from);
     let s = st.server_mut(&req.zone, id)?;
     if let Some(n) = name {
         s.name = n;
@@ -1357,6 +1724,10 @@ fn update_server(cfg: &Config, st: &mut State, req: &Req, id: &str) -> R {
     if let Some(t) = tags {
         s.tags = t;
     }
+    if let Some(b) = boot_type {
+        s.boot_type = b;
+    }
+    s.bootscript = bootscript;
     s.modification_date = now_rfc3339();
     let s = st.server(&req.zone, id)?;
     Ok(Reply::json(
@@ -1786,7 +2157,7 @@ impl State {
             "boot_type": s.boot_type,
             "tags": s.tags,
             "allowed_actions": allowed_actions(&s.state),
-            "image": image,
+            "image": if s.image.is_empty() { Value::Null } else { image },
             "volumes": volumes,
             "public_ip": public_ip,
             "public_ips": public_ip.iter().collect::<Vec<_>>(),
@@ -1798,7 +2169,9 @@ impl State {
             "zone": s.zone,
             "creation_date": s.creation_date,
             "modification_date": s.modification_date,
-            "bootscript": null,
+            "bootscript": s.bootscript.as_deref()
+                .and_then(|id| find_bootscript(cfg, id))
+                .map(|b| bootscript_json(cfg, b, &s.zone)),
             "security_group": {"id": "00000000-0000-0000-0000-000000000000", "name": "default"},
             "placement_group": null,
             "private_nics": [],

@@ -552,3 +552,418 @@ async fn faults_after_effect_and_500() {
         "imgforge-build=42"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Legacy (bootscript) mode
+
+const IMAGE_CREATION: &str = "b2d1f7a4-6e0c-4c51-9c3f-0a1b2c3d4e5f";
+
+async fn legacy() -> Api {
+    Api::new(
+        FakeScaleway::builder()
+            .delay(Duration::from_millis(50))
+            .bootscripts(&[IMAGE_CREATION])
+            .start()
+            .await,
+    )
+    .await
+}
+
+/// The body of `scw create --bootscript=X 50G` (reference §6).
+fn legacy_create(bootscript: &str) -> Value {
+    json!({
+        "name": "image-builder",
+        "commercial_type": "DEV1-S",
+        "boot_type": "bootscript",
+        "bootscript": bootscript,
+        "tags": ["build_method=from-rootfs"],
+        "volumes": {"0": {"size": 50_000_000_000u64, "volume_type": "l_ssd", "name": "blank"}},
+    })
+}
+
+#[tokio::test]
+async fn legacy_mode_accepts_a_bootscript_server() {
+    let api = legacy().await;
+    let (st, v) = api
+        .call(
+            Method::POST,
+            "/servers",
+            Some(legacy_create(IMAGE_CREATION)),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let id = v["server"]["id"].as_str().unwrap().to_string();
+
+    let (st, v) = api.call(Method::GET, &format!("/servers/{id}"), None).await;
+    assert_eq!(st, StatusCode::OK);
+    let s = &v["server"];
+    assert_eq!(s["boot_type"], "bootscript");
+    assert_eq!(s["bootscript"]["id"], IMAGE_CREATION);
+    assert_eq!(
+        s["bootscript"]["title"],
+        format!("Image creation {IMAGE_CREATION}")
+    );
+    for k in ["kernel", "initrd", "bootcmdargs", "architecture", "zone"] {
+        assert!(s["bootscript"][k].is_string(), "{k}: {}", s["bootscript"]);
+    }
+    assert_eq!(s["image"], Value::Null);
+    assert_eq!(s["arch"], "x86_64");
+    assert_eq!(s["volumes"]["0"]["size"], 50_000_000_000u64);
+    assert_eq!(s["volumes"]["0"]["name"], "blank");
+    assert_eq!(s["volumes"]["0"]["volume_type"], "l_ssd");
+    let server = api.fake.server(&id).unwrap();
+    assert_eq!(server.bootscript.as_deref(), Some(IMAGE_CREATION));
+    assert_eq!(server.image, "");
+
+    // image-tools also PATCHed the boot type.
+    let (st, v) = api
+        .call(
+            Method::PATCH,
+            &format!("/servers/{id}"),
+            Some(json!({"boot_type": "bootscript"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["server"]["bootscript"]["id"], IMAGE_CREATION);
+
+    // It boots like any other server.
+    api.action(&id, "poweron").await;
+    api.wait_state(&format!("/servers/{id}"), "server", "running")
+        .await;
+
+    // The removed listing answers in this mode.
+    let (st, v) = api
+        .call(Method::GET, "/bootscripts?arch=x86_64", None)
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v["total_count"], 1);
+    assert_eq!(v["bootscripts"][0]["id"], IMAGE_CREATION);
+    let (st, v) = api
+        .call(Method::GET, &format!("/bootscripts/{IMAGE_CREATION}"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v["bootscript"]["id"], IMAGE_CREATION);
+}
+
+#[tokio::test]
+async fn legacy_mode_patches_a_local_server_to_bootscript() {
+    let api = legacy().await;
+    let s = api.create_server("local", &[]).await;
+    let id = s["id"].as_str().unwrap();
+    assert_eq!(s["boot_type"], "local");
+    assert_eq!(s["bootscript"], Value::Null);
+    // boot_type bootscript needs a bootscript id somewhere.
+    let path = format!("/servers/{id}");
+    let (st, v) = api
+        .call(
+            Method::PATCH,
+            &path,
+            Some(json!({"boot_type": "bootscript"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(v["details"][0]["argument_name"], "bootscript");
+    let (st, v) = api
+        .call(
+            Method::PATCH,
+            &path,
+            Some(json!({"boot_type": "bootscript", "bootscript": IMAGE_CREATION})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["server"]["boot_type"], "bootscript");
+    assert_eq!(v["server"]["bootscript"]["id"], IMAGE_CREATION);
+    assert_eq!(api.fake.server(id).unwrap().boot_type, "bootscript");
+}
+
+#[tokio::test]
+async fn legacy_mode_validates_the_bootscript_and_the_root_size() {
+    let api = legacy().await;
+    let unknown = "00000000-0000-0000-0000-00000000beef";
+    let (st, v) = api
+        .call(Method::POST, "/servers", Some(legacy_create(unknown)))
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert_eq!(v["type"], "not_found");
+    assert_eq!(v["resource"], "instance_bootscript");
+    assert_eq!(v["resource_id"], unknown);
+    let (st, v) = api
+        .call(Method::GET, &format!("/bootscripts/{unknown}"), None)
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert_eq!(v["resource"], "instance_bootscript");
+
+    // No image: volume "0" needs a size.
+    let mut body = legacy_create(IMAGE_CREATION);
+    body["volumes"] = json!({"0": {"volume_type": "l_ssd"}});
+    let (st, v) = api.call(Method::POST, "/servers", Some(body)).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(v["details"][0]["argument_name"], "size");
+    let mut body = legacy_create(IMAGE_CREATION);
+    body["volumes"] = json!({});
+    let (st, _) = api.call(Method::POST, "/servers", Some(body)).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+
+    // boot_type bootscript without an id.
+    let mut body = legacy_create(IMAGE_CREATION);
+    body.as_object_mut().unwrap().remove("bootscript");
+    let (st, v) = api.call(Method::POST, "/servers", Some(body)).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(v["details"][0]["argument_name"], "bootscript");
+    assert_eq!(v["details"][0]["reason"], "required");
+
+    // A local server still needs an image.
+    let mut body = legacy_create(IMAGE_CREATION);
+    body["boot_type"] = json!("local");
+    let (st, v) = api.call(Method::POST, "/servers", Some(body)).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(v["details"][0]["argument_name"], "image");
+    assert!(api.fake.servers().is_empty());
+    assert!(api.fake.volumes().is_empty());
+}
+
+#[tokio::test]
+async fn default_mode_still_refuses_bootscripts() {
+    let api = fast().await;
+    let (st, v) = api
+        .call(
+            Method::POST,
+            "/servers",
+            Some(legacy_create(IMAGE_CREATION)),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(v["type"], "invalid_arguments");
+    assert_eq!(v["details"][0]["argument_name"], "image");
+    let mut body = legacy_create(IMAGE_CREATION);
+    body["image"] = json!("debian_bookworm");
+    let (st, v) = api.call(Method::POST, "/servers", Some(body)).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(v["details"][0]["argument_name"], "boot_type");
+    assert!(api.fake.servers().is_empty());
+
+    let s = api.create_server("local", &[]).await;
+    let id = s["id"].as_str().unwrap();
+    assert_eq!(s["bootscript"], Value::Null);
+    let (st, v) = api
+        .call(
+            Method::PATCH,
+            &format!("/servers/{id}"),
+            Some(json!({"boot_type": "bootscript", "bootscript": IMAGE_CREATION})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert!(v["details"][0]["help_message"]
+        .as_str()
+        .unwrap()
+        .contains("no longer supported"));
+    assert_eq!(api.fake.server(id).unwrap().boot_type, "local");
+    let (st, _) = api
+        .call(Method::GET, &format!("/bootscripts/{IMAGE_CREATION}"), None)
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+}
+
+// ---------------------------------------------------------------------------
+// Metadata API
+
+#[tokio::test]
+async fn metadata_conf_follows_the_server_record() {
+    let api = fast().await;
+    let s = api.create_server("meta", &["a=b", "x"]).await;
+    let id = s["id"].as_str().unwrap();
+    let md = api.fake.serve_metadata(id).await;
+    assert!(md.ip().is_loopback());
+    let conf = format!("http://{md}/conf?format=json");
+
+    let v: Value = api
+        .http
+        .get(&conf)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["id"], id);
+    assert_eq!(v["name"], "meta");
+    assert_eq!(v["hostname"], "meta");
+    assert_eq!(v["tags"], json!(["a=b", "x"]));
+    assert_eq!(v["state_detail"], "");
+    assert_eq!(v["commercial_type"], "DEV1-S");
+    assert_eq!(v["project"], api.fake.project());
+    assert_eq!(v["public_ip"]["address"], "127.0.0.1");
+    assert_eq!(v["volumes"]["0"]["id"], s["volumes"]["0"]["id"]);
+    assert_eq!(v["volumes"]["1"]["size"], 20_000_000_000u64);
+    assert_eq!(v["volumes"]["1"]["volume_type"], "l_ssd");
+    assert_eq!(v["bootscript"], Value::Null);
+
+    // A tag change through the Instance API shows on the next read.
+    let (st, _) = api
+        .call(
+            Method::PATCH,
+            &format!("/servers/{id}"),
+            Some(json!({"tags": ["build_method=from-qcow2"]})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let v: Value = api
+        .http
+        .get(&conf)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["tags"], json!(["build_method=from-qcow2"]));
+
+    // The text form comes from the same record.
+    let text = api
+        .http
+        .get(format!("http://{md}/conf"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("TAGS_0=build_method=from-qcow2"), "{text}");
+    assert!(text.contains(&format!("ID={id}")), "{text}");
+}
+
+#[tokio::test]
+async fn metadata_state_and_user_data_reach_the_instance_api() {
+    let api = fast().await;
+    let s = api.create_server("guest", &[]).await;
+    let id = s["id"].as_str().unwrap();
+    let md = api.fake.serve_metadata(id).await;
+
+    // PATCH /state shows in the Instance API's state_detail.
+    let resp = api
+        .http
+        .patch(format!("http://{md}/state"))
+        .json(&json!({"state_detail": "kernel-started"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (_, v) = api.call(Method::GET, &format!("/servers/{id}"), None).await;
+    assert_eq!(v["server"]["state_detail"], "kernel-started");
+    assert_eq!(api.fake.server(id).unwrap().state_detail, "kernel-started");
+
+    // User data set through the Instance API is readable by the guest.
+    let resp = api
+        .http
+        .patch(format!(
+            "{}/servers/{id}/user_data/cloud-init",
+            api.fake.zone_url()
+        ))
+        .header("X-Auth-Token", api.fake.secret())
+        .header("Content-Type", "text/plain")
+        .body("#!/bin/sh\necho hi\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let resp = api
+        .http
+        .get(format!("http://{md}/user_data/cloud-init"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.text().await.unwrap(), "#!/bin/sh\necho hi\n");
+    let v: Value = api
+        .http
+        .get(format!("http://{md}/user_data?format=json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v, json!({"user_data": ["cloud-init"]}));
+    let resp = api
+        .http
+        .get(format!("http://{md}/user_data/absent"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+
+    // And what the guest writes shows in the Instance API.
+    let resp = api
+        .http
+        .patch(format!("http://{md}/user_data/result"))
+        .body("ok")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let (st, v) = api
+        .call(
+            Method::GET,
+            &format!("/servers/{id}/user_data/result"),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v, "ok");
+
+    // Once the server is gone, the metadata server answers 500.
+    let (st, _) = api
+        .call(Method::DELETE, &format!("/servers/{id}"), None)
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let resp = api
+        .http
+        .get(format!("http://{md}/conf?format=json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+}
+
+#[tokio::test]
+async fn metadata_of_a_legacy_server_shows_its_bootscript() {
+    let api = legacy().await;
+    let (st, v) = api
+        .call(
+            Method::POST,
+            "/servers",
+            Some(legacy_create(IMAGE_CREATION)),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let id = v["server"]["id"].as_str().unwrap();
+    let md = api.fake.serve_metadata(id).await;
+    let v: Value = api
+        .http
+        .get(format!("http://{md}/conf?format=json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["bootscript"]["id"], IMAGE_CREATION);
+    assert_eq!(v["tags"], json!(["build_method=from-rootfs"]));
+    assert_eq!(v["volumes"]["0"]["size"], 50_000_000_000u64);
+}
+
+#[tokio::test]
+async fn metadata_server_stops_with_the_fake() {
+    let api = fast().await;
+    let s = api.create_server("gone", &[]).await;
+    let md = api.fake.serve_metadata(s["id"].as_str().unwrap()).await;
+    let http = api.http.clone();
+    drop(api);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(http
+        .get(format!("http://{md}/conf"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .is_err());
+}
