@@ -11,9 +11,10 @@
 
 /// The script for cloud-init's `cloud-init` user data key.
 ///
-/// `IMGFORGE_VOLUME` and `METADATA_IP`, when set in the environment, replace
-/// the device and the metadata server's address: for running the script by
-/// hand on another machine (cloud-init sets neither).
+/// `IMGFORGE_VOLUME`, `METADATA_IP` and `IMGFORGE_DONE_ADDRESS`, when set in
+/// the environment, replace the device, the metadata server's address and
+/// the done port's listening address (every address by default): for
+/// running the script by hand on another machine (cloud-init sets none).
 pub fn cloud_init(agent_url: &str, agent_sha256: &str, device: &str, build_id: &str) -> String {
     let url = sh_quote(agent_url);
     let sha = sh_quote(agent_sha256);
@@ -49,7 +50,11 @@ curl -fsSL --retry 10 --retry-connrefused --retry-delay 2 -o "$agent" "$url" ||
 echo "$sha  $agent" | sha256sum -c - >/dev/null 2>&1 ||
     fail "initrd-agent does not have the expected sha256"
 chmod 0755 "$agent"
-exec "$agent" run --volume "$volume" --metadata --param "METADATA_IP=$metadata" --serve
+set -- --serve
+if [ -n "${{IMGFORGE_DONE_ADDRESS:-}}" ]; then
+    set -- --serve --serve-address "$IMGFORGE_DONE_ADDRESS"
+fi
+exec "$agent" run --volume "$volume" --metadata --param "METADATA_IP=$metadata" "$@"
 "#
     )
 }

@@ -19,6 +19,7 @@ mod pid1;
 mod read_ahead;
 mod signal;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 /// mimalloc instead of musl's allocator, which hands every large block back
@@ -77,6 +78,10 @@ enum Command {
         /// until stopped (what a helper server's host waits for).
         #[arg(long)]
         serve: bool,
+        /// With --serve: listen on this address only (default: every
+        /// address, as the host comes in over the network).
+        #[arg(long, requires = "serve", value_name = "IP")]
+        serve_address: Option<std::net::IpAddr>,
         #[arg(short, long)]
         verbose: bool,
     },
@@ -95,9 +100,11 @@ fn main() {
             params,
             metadata,
             serve,
+            serve_address,
             verbose,
         } => {
             log::init(verbose);
+            let serve = serve.then_some(serve_address);
             std::process::exit(run_command(volume, method, params, metadata, serve));
         }
     }
@@ -108,7 +115,9 @@ fn run_command(
     method: Option<String>,
     pairs: Vec<String>,
     use_metadata: bool,
-    serve: bool,
+    // `Some(address)`: serve the done line afterwards (on every address
+    // when `None`).
+    serve: Option<Option<std::net::IpAddr>>,
 ) -> i32 {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -144,7 +153,13 @@ fn run_command(
                         stage: "metadata",
                         error,
                     };
-                    return report(failure.to_done_line(), None).await;
+                    // Served on the port the command line gives (no tags).
+                    let port = Params::resolve(None, &cmdline)
+                        .common()
+                        .map(|c| c.signal_port)
+                        .unwrap_or(22);
+                    let listen = serve.map(|address| (address, port));
+                    return report(failure.to_done_line(), listen).await;
                 }
             }
         }
@@ -170,21 +185,26 @@ fn run_command(
             };
             md.report_state(&state).await;
         }
-        let port = if serve {
-            params.common().map(|c| c.signal_port).ok().or(Some(22))
-        } else {
-            None
-        };
-        report(line, port).await
+        let listen = serve.map(|address| {
+            let port = params.common().map(|c| c.signal_port).unwrap_or(22);
+            (address, port)
+        });
+        report(line, listen).await
     })
 }
 
-/// Prints the done line; with a port, serves it until killed.
-async fn report(line: signal::DoneLine, port: Option<u16>) -> i32 {
+/// Prints the done line; with an (address, port), serves it until killed.
+async fn report(line: signal::DoneLine, listen: Option<(Option<std::net::IpAddr>, u16)>) -> i32 {
     print!("{}", line.to_line());
     let code = if line.is_success() { 0 } else { 1 };
-    if let Some(port) = port {
-        match signal::bind(port).await {
+    if let Some((address, port)) = listen {
+        let bound = match address {
+            Some(ip) => tokio::net::TcpListener::bind((ip, port))
+                .await
+                .with_context(|| format!("cannot listen on {ip} port {port}")),
+            None => signal::bind(port).await,
+        };
+        match bound {
             Ok(l) => {
                 let _ = signal::serve(l, line).await;
             }
