@@ -735,6 +735,9 @@ impl Client {
         Fut: std::future::Future<Output = Result<Poll<T>, Error>>,
     {
         let started = Instant::now();
+        // Quick transitions (a small snapshot, a stop) end in a second or
+        // two: poll soon, then back off to the configured interval.
+        let mut pause = FIRST_POLL.min(self.options().poll_interval);
         loop {
             let last_state = match read().await? {
                 Poll::Done(value) => return Ok(value),
@@ -758,11 +761,14 @@ impl Client {
                 });
             }
             debug!(what, state = %last_state, wanted, "waiting");
-            let pause = self.options().poll_interval.min(timeout - elapsed);
-            tokio::time::sleep(pause).await;
+            tokio::time::sleep(pause.min(timeout - elapsed)).await;
+            pause = (pause * 2).min(self.options().poll_interval);
         }
     }
 }
+
+/// The first pause of a wait; it doubles up to `poll_interval`.
+const FIRST_POLL: Duration = Duration::from_millis(250);
 
 /// One read of a waited-on resource.
 enum Poll<T> {
