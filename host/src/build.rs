@@ -160,19 +160,30 @@ pub struct BuildReport {
     pub done: DoneLine,
 }
 
-/// The servers this build created, for the interrupt handler.
+/// The servers this build created, for the interrupt handler, and whether
+/// it began creating anything at all.
 #[derive(Clone, Default)]
-struct Created(Arc<Mutex<Vec<String>>>);
+struct Created {
+    servers: Arc<Mutex<Vec<String>>>,
+    began: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl Created {
+    /// Called before the first resource is created.
+    fn begin(&self) {
+        self.began.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn began(&self) -> bool {
+        self.began.load(std::sync::atomic::Ordering::SeqCst)
+    }
     fn add(&self, id: &str) {
-        self.0.lock().unwrap().push(id.to_owned());
+        self.servers.lock().unwrap().push(id.to_owned());
     }
     fn remove(&self, id: &str) {
-        self.0.lock().unwrap().retain(|s| s != id);
+        self.servers.lock().unwrap().retain(|s| s != id);
     }
     fn all(&self) -> Vec<String> {
-        self.0.lock().unwrap().clone()
+        self.servers.lock().unwrap().clone()
     }
 }
 
@@ -197,13 +208,13 @@ pub fn run_build(args: BuildArgs, json: bool) -> Result<()> {
             else {
                 return;
             };
-            rt.block_on(remove_build(provider.as_ref(), &created.all(), &build_id));
+            rt.block_on(remove_build(provider.as_ref(), &created, &build_id));
         });
     }
     let result = rt.block_on(build(&args, provider.clone(), &created, &build_id));
     if result.is_err() {
         // Nothing the failed build created stays behind.
-        rt.block_on(remove_build(provider.as_ref(), &created.all(), &build_id));
+        rt.block_on(remove_build(provider.as_ref(), &created, &build_id));
     }
     let report = result?;
     if json {
@@ -229,8 +240,11 @@ fn new_build_id() -> String {
 /// Deletes the build's servers (with their volumes), then anything else
 /// tagged with its id (a server whose creation was interrupted, a snapshot
 /// that never became an image).
-async fn remove_build(provider: &dyn Provider, servers: &[String], build_id: &str) {
-    delete_servers(provider, servers).await;
+async fn remove_build(provider: &dyn Provider, created: &Created, build_id: &str) {
+    if !created.began() {
+        return;
+    }
+    delete_servers(provider, &created.all()).await;
     match provider.cleanup_builds(Some(build_id), false).await {
         Ok(removed) => {
             for line in removed {
@@ -303,7 +317,8 @@ async fn build(
         (_, _, Some(_)) => bail!("--disk-image goes with --method from-qcow2"),
         (_, None, None) => bail!("give --rootfs (or --disk-image with --method from-qcow2)"),
     };
-    if let Ok(existing) = crate::provider::find_image(provider.as_ref(), &args.name).await {
+    let images = provider.list_images().await.context("list the images")?;
+    if let Some(existing) = images.iter().find(|i| i.name == args.name) {
         bail!(
             "an image named {:?} exists already ({}): delete it (imgforge image rm {}) or choose another --name",
             args.name,
@@ -422,6 +437,7 @@ async fn build(
         memory_mib: Some(args.memory),
         cloud_init,
     };
+    created.begin();
     let server = provider.create_server(&spec).await?;
     created.add(&server.id);
     info!("created build server {} ({})", server.name, server.id);
