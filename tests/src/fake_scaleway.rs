@@ -93,7 +93,9 @@
 //!   image uses, answer 412 `precondition_failed` with `precondition:
 //!   "resource_still_in_use"` and a `help_message`.
 //! * Outside legacy mode, `boot_type: "bootscript"` (and, on `POST`, a
-//!   `bootscript` field) is refused with 400
+//!   `bootscript` field) is refused, on `POST` before any other check of
+//!   the body (it is a value the API no longer has, so reading the body
+//!   fails before a missing image is noticed), with 400
 //!   `invalid_arguments`, `details[{argument_name:"boot_type",
 //!   reason:"constraint", help_message:"bootscripts are no longer
 //!   supported…"}]`. The reference says the API rejects bootscripts since
@@ -1454,6 +1456,19 @@ fn resolve_image(
 
 fn create_server(cfg: &Config, st: &mut State, req: &Req) -> R {
     let m = req.json()?;
+    // Today's API: `boot_type: bootscript` is an enum value that no longer
+    // exists, refused while the body is read, before the checks of what it
+    // means (such as a missing image).
+    if cfg.bootscripts.is_none()
+        && (m.get("boot_type") == Some(&json!("bootscript"))
+            || m.get("bootscript").is_some_and(|v| !v.is_null()))
+    {
+        return Err(invalid(vec![(
+            "boot_type",
+            "constraint",
+            "bootscripts are no longer supported: use boot_type local or rescue".into(),
+        )]));
+    }
     // Legacy mode: a bootscript server needs no image.
     let legacy_boot = cfg.bootscripts.is_some() && m.get("boot_type") == Some(&json!("bootscript"));
     let mut details = vec![];
@@ -1470,16 +1485,7 @@ fn create_server(cfg: &Config, st: &mut State, req: &Req) -> R {
     }
     let boot_type = str_field(&m, "boot_type")?.unwrap_or("local").to_string();
     let bootscript = match &cfg.bootscripts {
-        None => {
-            if boot_type == "bootscript" || m.get("bootscript").is_some_and(|v| !v.is_null()) {
-                return Err(invalid(vec![(
-                    "boot_type",
-                    "constraint",
-                    "bootscripts are no longer supported: use boot_type local or rescue".into(),
-                )]));
-            }
-            None
-        }
+        None => None,
         Some(_) => legacy_bootscript(cfg, &m, &boot_type, None)?,
     };
     if !valid_boot_type(cfg, &boot_type) {
@@ -2179,4 +2185,23 @@ impl State {
             "routed_ip_enabled": true,
         })
     }
+}
+
+/// `(method, path)` with the zone prefix cut and ids as `{id}`; 429s left
+/// out, and repeats of one call in a row (polling) counted once.
+pub fn call_sequence(calls: &[Call]) -> Vec<String> {
+    let id =
+        regex::Regex::new("[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}").unwrap();
+    let mut sequence: Vec<String> = Vec::new();
+    for call in calls.iter().filter(|c| c.status != 429) {
+        let path = call
+            .path
+            .strip_prefix("/instance/v1/zones/fr-par-1")
+            .unwrap_or(&call.path);
+        let line = format!("{} {}", call.method, id.replace_all(path, "{id}"));
+        if sequence.last() != Some(&line) {
+            sequence.push(line);
+        }
+    }
+    sequence
 }

@@ -732,9 +732,10 @@ async fn default_mode_still_refuses_bootscripts() {
             Some(legacy_create(IMAGE_CREATION)),
         )
         .await;
+    // Refused for the bootscript before the missing image is noticed.
     assert_eq!(st, StatusCode::BAD_REQUEST);
     assert_eq!(v["type"], "invalid_arguments");
-    assert_eq!(v["details"][0]["argument_name"], "image");
+    assert_eq!(v["details"][0]["argument_name"], "boot_type");
     let mut body = legacy_create(IMAGE_CREATION);
     body["image"] = json!("debian_bookworm");
     let (st, v) = api.call(Method::POST, "/servers", Some(body)).await;

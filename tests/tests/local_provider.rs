@@ -430,3 +430,52 @@ fn build_from_a_qcow2_disk_image_file() {
         "{stderr}"
     );
 }
+
+/// `imgforge cleanup` (local): servers tagged with a build id go with their
+/// volumes, other servers stay.
+#[test]
+fn cleanup_removes_servers_of_builds_only() {
+    let home = LocalHome::new();
+    let create = |name: &str, tags: &[&str]| {
+        let mut args = vec!["server", "create", "--name", name, "--bootscript"];
+        let bootscript = bootscript_arg();
+        args.push(&bootscript);
+        args.extend(["--volume", "16M"]);
+        for tag in tags {
+            args.extend(["--tag", tag]);
+        }
+        home.json(args)
+    };
+    let left = create("imgforge-build-0123abcd-x", &["imgforge-build=0123abcd"]);
+    let kept = create("mine", &["role=web"]);
+    let listed = home.json(["cleanup", "--dry-run"]);
+    let lines = listed["resources"].as_array().unwrap();
+    assert_eq!(lines.len(), 1, "{listed}");
+    assert!(
+        lines[0]
+            .as_str()
+            .unwrap()
+            .contains(left["id"].as_str().unwrap()),
+        "{listed}"
+    );
+    assert_eq!(home.json(["server", "list"]).as_array().unwrap().len(), 2);
+    let volume_files = home.files("volumes").len();
+    assert!(volume_files >= 2);
+    let removed = home.json(["cleanup"]);
+    assert_eq!(removed["resources"].as_array().unwrap().len(), 1);
+    let servers = home.json(["server", "list"]);
+    let ids: Vec<&str> = servers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [kept["id"].as_str().unwrap()]);
+    // Both servers had one volume: half the files are left.
+    assert_eq!(
+        home.files("volumes").len(),
+        volume_files / 2,
+        "{:?}",
+        home.files("volumes")
+    );
+}

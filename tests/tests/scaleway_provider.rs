@@ -10,7 +10,7 @@ use std::time::Duration;
 use host::provider::scaleway::{ScalewayOptions, ScalewayProvider};
 use host::provider::{Boot, Provider, ServerSpec, ServerState, VolumeSpec};
 use host::scaleway::{Client, ClientOptions, Config, RetryPolicy, SecretKey};
-use tests::fake_scaleway::{Call, FakeScaleway};
+use tests::fake_scaleway::{call_sequence, FakeScaleway};
 
 const GB: u64 = 1_000_000_000;
 
@@ -74,25 +74,6 @@ fn spec() -> ServerSpec {
         memory_mib: None,
         cloud_init: None,
     }
-}
-
-/// `(method, path)` with the zone prefix cut and ids as `{id}`; 429s left
-/// out, and repeats of one call in a row (polling) counted once.
-fn call_sequence(calls: &[Call]) -> Vec<String> {
-    let id =
-        regex::Regex::new("[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}").unwrap();
-    let mut sequence: Vec<String> = Vec::new();
-    for call in calls.iter().filter(|c| c.status != 429) {
-        let path = call
-            .path
-            .strip_prefix("/instance/v1/zones/fr-par-1")
-            .unwrap_or(&call.path);
-        let line = format!("{} {}", call.method, id.replace_all(path, "{id}"));
-        if sequence.last() != Some(&line) {
-            sequence.push(line);
-        }
-    }
-    sequence
 }
 
 /// create → start → stop → snapshot volume 1 → image → delete with volumes.
