@@ -388,40 +388,17 @@ async fn build(
             .cloned(),
     );
 
-    let (boot, volumes, cloud_init) = match (strategy, remote) {
-        (Strategy::Helper, _) => {
+    let BuildServer {
+        boot,
+        volumes,
+        cloud_init,
+    } = match strategy {
+        Strategy::Helper => {
             let agent = crate::bootscript::find_agent()?;
             let served = artifacts.add_file(&agent).await?;
-            let script = crate::helper_script::cloud_init(
-                &reach(&served.url)?,
-                &served.sha256,
-                &args.helper_volume,
-                build_id,
-            );
-            let volumes = vec![
-                VolumeSpec::Blank {
-                    size: HELPER_ROOT_SIZE,
-                },
-                VolumeSpec::Blank { size: args.size },
-            ];
-            (Boot::Local, volumes, Some(script))
+            helper_server(args, &reach(&served.url)?, &served.sha256, build_id)
         }
-        (Strategy::Bootscript, true) => {
-            let id = args.bootscript_id.clone().expect("checked above");
-            (
-                Boot::Bootscript(id),
-                vec![VolumeSpec::Blank { size: args.size }],
-                None,
-            )
-        }
-        (Strategy::Bootscript, false) => {
-            let dir = image_creation_bootscript(args, work.path()).await?;
-            (
-                Boot::Bootscript(dir.to_string_lossy().into_owned()),
-                vec![VolumeSpec::Blank { size: args.size }],
-                None,
-            )
-        }
+        Strategy::Bootscript => bootscript_server(args, remote, work.path()).await?,
     };
     // The agent writes the last volume: the only one of a bootscript
     // server, the second of a helper.
@@ -449,19 +426,14 @@ async fn build(
 
     let done = wait_for_done(provider.as_ref(), &server.id, done_addr, args).await?;
     if !done.is_success() {
-        let tail = provider
-            .console_tail(&server.id, 20)
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or_default();
         bail!(
-            "the build failed{}: {}\nconsole tail:\n{tail}",
+            "the build failed{}: {}{}",
             done.stage
                 .as_deref()
                 .map(|s| format!(" in stage {s}"))
                 .unwrap_or_default(),
-            done.message
+            done.message,
+            console_tail(provider.as_ref(), &server.id).await
         );
     }
     info!(
@@ -507,6 +479,59 @@ async fn build(
         build_id: build_id.into(),
         seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         done,
+    })
+}
+
+/// How the build server boots, its volumes (the agent writes the last),
+/// and its cloud-init script.
+struct BuildServer {
+    boot: Boot,
+    volumes: Vec<VolumeSpec>,
+    cloud_init: Option<String>,
+}
+
+/// A stock image with a second, blank volume; cloud-init fetches the agent
+/// from `agent_url` and runs it against that volume.
+fn helper_server(
+    args: &BuildArgs,
+    agent_url: &str,
+    agent_sha256: &str,
+    build_id: &str,
+) -> BuildServer {
+    BuildServer {
+        boot: Boot::Local,
+        volumes: vec![
+            VolumeSpec::Blank {
+                size: HELPER_ROOT_SIZE,
+            },
+            VolumeSpec::Blank { size: args.size },
+        ],
+        cloud_init: Some(crate::helper_script::cloud_init(
+            agent_url,
+            agent_sha256,
+            &args.helper_volume,
+            build_id,
+        )),
+    }
+}
+
+/// The image-creation bootscript with one blank volume: the provider's
+/// bootscript id (remote), or the bootscript built here (local).
+async fn bootscript_server(args: &BuildArgs, remote: bool, work: &Path) -> Result<BuildServer> {
+    let boot = if remote {
+        Boot::Bootscript(
+            args.bootscript_id
+                .clone()
+                .context("--bootscript-id is needed")?,
+        )
+    } else {
+        let dir = image_creation_bootscript(args, work).await?;
+        Boot::Bootscript(dir.to_string_lossy().into_owned())
+    };
+    Ok(BuildServer {
+        boot,
+        volumes: vec![VolumeSpec::Blank { size: args.size }],
+        cloud_init: None,
     })
 }
 
@@ -619,11 +644,9 @@ async fn wait_for_done(
             progress.show(started.elapsed(), &last_detail);
         }
         if s.state == ServerState::Stopped {
-            let tail = provider.console_tail(server, 20).await.ok().flatten();
             bail!(
-                "the build server stopped before the build ended (last state: {:?})\nconsole tail:\n{}",
-                last_detail,
-                tail.unwrap_or_default()
+                "the build server stopped before the build ended (last state: {last_detail:?}){}",
+                console_tail(provider, server).await
             );
         }
         match done_signal::probe(done_addr, Duration::from_secs(1)).await {
@@ -644,11 +667,10 @@ async fn wait_for_done(
         }
         let elapsed = started.elapsed();
         if last_detail.is_empty() && elapsed > Duration::from_secs(args.boot_timeout) {
-            let tail = provider.console_tail(server, 20).await.ok().flatten();
             bail!(
-                "the build server reported nothing within {} s (--boot-timeout)\nconsole tail:\n{}",
+                "the build server reported nothing within {} s (--boot-timeout){}",
                 args.boot_timeout,
-                tail.unwrap_or_default()
+                console_tail(provider, server).await
             );
         }
         if elapsed > Duration::from_secs(args.timeout) {
@@ -658,6 +680,15 @@ async fn wait_for_done(
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// "\nconsole tail:\n" and the server's last console lines, for an error
+/// message; nothing when the provider keeps no console (Scaleway).
+async fn console_tail(provider: &dyn Provider, server: &str) -> String {
+    match provider.console_tail(server, 20).await {
+        Ok(Some(tail)) if !tail.trim().is_empty() => format!("\nconsole tail:\n{tail}"),
+        _ => String::new(),
     }
 }
 

@@ -96,8 +96,9 @@ pub enum ServerCommand {
     Create {
         #[arg(long)]
         name: String,
-        /// Boot a bootscript's kernel and initrd (a directory written by
-        /// `imgforge initrd -o DIR`); without it the firmware boots volume 0.
+        /// Boot a bootscript's kernel and initrd (local: a directory written
+        /// by `imgforge initrd -o DIR`; Scaleway: a bootscript id, where
+        /// bootscripts still exist); without it the server boots volume 0.
         #[arg(long)]
         bootscript: Option<String>,
         /// A blank volume of this size (4G, 512M...); repeat for more.
