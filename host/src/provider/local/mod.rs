@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use self::machine::MachineFiles;
 use self::records::{Runtime, ServerRecord};
@@ -290,59 +290,62 @@ impl LocalProvider {
             }
         }
         let id = new_id();
-        let dir = self.store.server_dir(&id);
-        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        let mut volume_ids = Vec::new();
-        let result = (|| {
-            let mut append = String::new();
-            if let Boot::Bootscript(artifacts) = &boot {
-                append = copy_bootscript(Path::new(artifacts), &dir)?;
-            }
-            let mut volumes = Vec::new();
-            for (slot, vspec) in spec.volumes.iter().enumerate() {
-                let vid = new_id();
-                volume_ids.push(vid.clone());
-                let size = self.create_volume_files(vspec, &vid)?;
-                volumes.push(Volume {
-                    id: vid,
-                    name: format!("{}-vol-{slot}", spec.name),
-                    size,
-                    server: Some(id.clone()),
-                    created_at: now_rfc3339(),
-                });
-            }
-            let record = ServerRecord {
-                id: id.clone(),
-                name: spec.name.clone(),
-                tags: spec.tags.clone(),
-                boot: boot.clone(),
-                append,
-                volumes: volume_ids.clone(),
-                arch: "x86_64".into(),
-                created_at: now_rfc3339(),
-                memory_mib: spec.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
-                exposed_ports: spec.exposed_ports.clone(),
-                host_services: spec.host_services.clone(),
-                state_detail: String::new(),
-                user_data: BTreeMap::new(),
-                runtime: None,
-            };
+        let volume_ids: Vec<String> = spec.volumes.iter().map(|_| new_id()).collect();
+        let volume_record = |slot: usize, size: u64| Volume {
+            id: volume_ids[slot].clone(),
+            name: format!("{}-vol-{slot}", spec.name),
+            size,
+            server: Some(id.clone()),
+            created_at: now_rfc3339(),
+        };
+        let mut record = ServerRecord {
+            id: id.clone(),
+            name: spec.name.clone(),
+            tags: spec.tags.clone(),
+            boot: boot.clone(),
+            append: String::new(),
+            volumes: volume_ids.clone(),
+            arch: "x86_64".into(),
+            created_at: now_rfc3339(),
+            memory_mib: spec.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
+            exposed_ports: spec.exposed_ports.clone(),
+            host_services: spec.host_services.clone(),
+            state_detail: String::new(),
+            user_data: BTreeMap::new(),
+            runtime: None,
+        };
+        // The records come first, files after: whatever interrupts the
+        // creation, the server is on record (with its tags, for a build's
+        // cleanup), and deleting it removes the files that exist.
+        {
             let locked = self.store.lock()?;
-            for v in &volumes {
-                locked.write(Kind::Volume, &v.id, v)?;
+            for (slot, vid) in volume_ids.iter().enumerate() {
+                locked.write(Kind::Volume, vid, &volume_record(slot, 0))?;
+            }
+            locked.write(Kind::Server, &id, &record)?;
+        }
+        let result = (|| {
+            let dir = self.store.server_dir(&id);
+            std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+            if let Boot::Bootscript(artifacts) = &boot {
+                record.append = copy_bootscript(Path::new(artifacts), &dir)?;
+            }
+            let mut sizes = Vec::new();
+            for (vspec, vid) in spec.volumes.iter().zip(&volume_ids) {
+                sizes.push(self.create_volume_files(vspec, vid)?);
+            }
+            let locked = self.store.lock()?;
+            for (slot, size) in sizes.into_iter().enumerate() {
+                locked.write(Kind::Volume, &volume_ids[slot], &volume_record(slot, size))?;
             }
             locked.write(Kind::Server, &id, &record)?;
             Ok(Self::to_server(&record))
         })();
         if result.is_err() {
             // Nothing half-made stays behind.
-            if let Ok(locked) = self.store.lock() {
-                for vid in &volume_ids {
-                    let _ = locked.remove(Kind::Volume, vid);
-                    let _ = std::fs::remove_file(self.store.data_path(Kind::Volume, vid));
-                }
+            if let Err(e) = self.delete_server_blocking(&id, true) {
+                warn!("remove the half-created server {id}: {e:#}");
             }
-            let _ = std::fs::remove_dir_all(&dir);
         }
         result
     }
@@ -757,4 +760,54 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f)
         .await
         .context("provider task panicked")?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every file under `dir`, recursively.
+    fn files_under(dir: &Path) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                found.extend(files_under(&path));
+            } else {
+                found.push(path);
+            }
+        }
+        found
+    }
+
+    #[tokio::test]
+    async fn a_server_that_cannot_be_made_leaves_no_record_or_file() {
+        let home = tempfile::tempdir().unwrap();
+        let provider = LocalProvider::open(home.path(), crate::accel::AccelChoice::Tcg).unwrap();
+        let before = files_under(home.path());
+        // The first volume is made, the second is refused.
+        let spec = ServerSpec {
+            name: "half".into(),
+            boot: Some(Boot::Local),
+            volumes: vec![
+                VolumeSpec::Blank { size: 16 << 20 },
+                VolumeSpec::Blank { size: 1000 },
+            ],
+            tags: vec!["imgforge-build=0123abcd".into()],
+            exposed_ports: vec![],
+            host_services: vec![],
+            memory_mib: None,
+            cloud_init: None,
+        };
+        let err = provider.create_server(&spec).await.unwrap_err();
+        assert!(format!("{err:#}").contains("too small"), "{err:#}");
+        assert!(provider.list_servers().await.unwrap().is_empty());
+        assert!(provider.list_volumes().await.unwrap().is_empty());
+        // Only the store's lock file, which the first lock made.
+        let left: Vec<PathBuf> = files_under(home.path())
+            .into_iter()
+            .filter(|p| !before.contains(p) && !p.ends_with("lock"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
 }
