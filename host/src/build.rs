@@ -46,6 +46,8 @@ use crate::serve::ArtifactServer;
 const DONE_PORT: u16 = 22;
 /// The done-signal port of a helper server: a stock image runs sshd on 22.
 const HELPER_DONE_PORT: u16 = 8022;
+/// How long the done line may lag behind the agent's last state.
+const DONE_LINE_GRACE: Duration = Duration::from_secs(20);
 /// A helper server's own root volume (SI bytes, as Scaleway counts).
 const HELPER_ROOT_SIZE: u64 = 10_000_000_000;
 
@@ -636,7 +638,7 @@ async fn wait_for_done(
     let started = Instant::now();
     let progress = Progress::new();
     let mut last_detail = String::new();
-    let mut failed_since: Option<Instant> = None;
+    let mut ended_since: Option<Instant> = None;
     loop {
         let s = provider.get_server(server).await?;
         if s.state_detail != last_detail {
@@ -656,12 +658,23 @@ async fn wait_for_done(
             }
             Err(e) => tracing::trace!("done signal: {e:#}"),
         }
-        // `failed:` arrives with the done line; if that line does not
-        // follow (signal_failure=0), the state alone ends the build.
-        if last_detail.starts_with("failed") {
-            let since = *failed_since.get_or_insert_with(Instant::now);
-            if since.elapsed() > Duration::from_secs(15) {
+        // The agent's last state (`done`, `failed: ...`) comes with the
+        // done line. If the line does not follow, the state alone ends the
+        // build: a failure with signal_failure=0 sends no line, and a done
+        // port the host cannot reach (a security group) never answers.
+        if last_detail == "done" || last_detail.starts_with("failed") {
+            let since = *ended_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > DONE_LINE_GRACE {
                 progress.finish();
+                if last_detail == "done" {
+                    bail!(
+                        "the agent reported \"done\", but no done line came from {done_addr} \
+                         within {} s: let TCP port {} in to the build server (its security \
+                         group or firewall)",
+                        DONE_LINE_GRACE.as_secs(),
+                        done_addr.port()
+                    );
+                }
                 bail!("the agent reported {last_detail:?} and sent no done line");
             }
         }

@@ -63,6 +63,9 @@ enum Guest {
     },
     /// Nothing: a server that never reports.
     Silent,
+    /// Reports `done` through the metadata API, but no done line reaches
+    /// the host (a security group that blocks the port).
+    DoneUnreachable,
 }
 
 impl Scenario {
@@ -111,6 +114,10 @@ impl Scenario {
                 let mode = *guest.lock().unwrap();
                 match mode {
                     Guest::Silent => continue,
+                    Guest::DoneUnreachable => {
+                        fake.set_state_detail(&server.id, "done");
+                        continue;
+                    }
                     Guest::StormThenRun(n) => fake.inject_429(n),
                     Guest::FailNextThenRun {
                         prefix,
@@ -724,4 +731,23 @@ async fn cleanup_removes_the_leftovers_of_builds_and_keeps_images() {
     assert_eq!(images[0].name, "kept");
     let snapshots = scenario.fake.snapshots();
     assert_eq!(snapshots.len(), 1, "{snapshots:?}");
+}
+
+/// The agent reports `done`, but its done port cannot be reached: the build
+/// says which port to open instead of waiting for --timeout, and leaves
+/// nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_done_port_is_named_in_the_error() {
+    let scenario = Scenario::start(fake().await).await;
+    scenario.set_guest(Guest::DoneUnreachable);
+    let started = std::time::Instant::now();
+    let output = tokio::task::block_in_place(|| scenario.build("blocked", &[]));
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("let TCP port"), "{stderr}");
+    assert!(stderr.contains("security group"), "{stderr}");
+    // Well before --timeout (120 s).
+    assert!(started.elapsed() < Duration::from_secs(60));
+    scenario.assert_nothing_but_images_left();
+    assert!(scenario.fake.images().is_empty());
 }
