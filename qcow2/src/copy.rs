@@ -215,55 +215,45 @@ impl<R: BufRead> Window<R> {
         mut out: impl FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<()> {
         self.seek_forward(offset)?;
-        let mut at = offset;
         let stop = offset + len;
         let held = (self.buf.len() as u64).min(len) as usize;
         if held > 0 {
-            out(at, self.buf.get(..held).unwrap_or_default())?;
+            out(offset, self.buf.get(..held).unwrap_or_default())?;
             self.buf.drain(..held);
-            at += held as u64;
-            self.start = at;
+            self.start = offset + held as u64;
         }
-        while at < stop {
-            let available = match self.stream.fill_buf() {
-                Ok(bytes) => bytes,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(error) => return Err(stream_error(error, at, stop)),
-            };
-            if available.is_empty() {
-                return Err(Error::DataStreamEnded {
-                    offset: at,
-                    needed: stop,
-                });
-            }
-            let n = (stop - at).min(DATA_CHUNK).min(available.len() as u64) as usize;
-            out(at, available.get(..n).unwrap_or_default())?;
-            self.stream.consume(n);
-            at += n as u64;
-            self.start = at;
-        }
-        Ok(())
+        // Either the window held it all, or it is empty now.
+        self.stream_until(stop, out)
     }
 
     /// Reads and discards `len` bytes (the window is empty).
     fn skip(&mut self, len: u64) -> Result<()> {
-        let from = self.end();
-        let stop = from + len;
+        self.stream_until(self.start + len, |_, _| Ok(()))
+    }
+
+    /// Hands the stream's bytes from `start` (the window is empty) up to
+    /// `stop` to `out`, piece by piece from the stream's own buffer.
+    fn stream_until(
+        &mut self,
+        stop: u64,
+        mut out: impl FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
         while self.start < stop {
             let available = match self.stream.fill_buf() {
-                Ok(bytes) => bytes.len() as u64,
+                Ok(bytes) => bytes,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) => return Err(stream_error(error, self.start, stop)),
             };
-            if available == 0 {
+            if available.is_empty() {
                 return Err(Error::DataStreamEnded {
                     offset: self.start,
                     needed: stop,
                 });
             }
-            let n = (stop - self.start).min(available);
-            self.stream.consume(n as usize);
-            self.start += n;
+            let n = (stop - self.start).min(DATA_CHUNK).min(available.len() as u64) as usize;
+            out(self.start, available.get(..n).unwrap_or_default())?;
+            self.stream.consume(n);
+            self.start += n as u64;
         }
         Ok(())
     }
