@@ -24,8 +24,8 @@ use clap::{Parser, Subcommand};
 
 /// mimalloc instead of musl's allocator, which hands every large block back
 /// to the kernel when it is freed: each network buffer then comes back as
-/// fresh pages to fault in and zero (a third of the agent's time writing a
-/// disk image, bench from_qcow2).
+/// fresh pages to fault in and zero (writing a plain 1.1 GiB qcow2 image:
+/// system time 1.54 s with musl's allocator, 0.76 s with mimalloc).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

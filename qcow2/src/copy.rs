@@ -250,7 +250,9 @@ impl<R: BufRead> Window<R> {
                     needed: stop,
                 });
             }
-            let n = (stop - self.start).min(DATA_CHUNK).min(available.len() as u64) as usize;
+            let n = (stop - self.start)
+                .min(DATA_CHUNK)
+                .min(available.len() as u64) as usize;
             out(self.start, available.get(..n).unwrap_or_default())?;
             self.stream.consume(n);
             self.start += n as u64;

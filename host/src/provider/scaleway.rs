@@ -107,6 +107,16 @@ impl ScalewayProvider {
             .with_context(|| format!("set user data {key:?} of server {server}"))
     }
 
+    /// Every `key` item (`volumes`, `snapshots`, `images`) of the project,
+    /// all pages.
+    async fn list_in_project<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Vec<T>> {
+        let query = [("project", self.client.project_id().to_string())];
+        self.client
+            .list_all(&format!("/{key}"), &query, key)
+            .await
+            .with_context(|| format!("list {key}"))
+    }
+
     /// The server, refusing states this provider cannot work with.
     async fn read_server(&self, id: &str) -> Result<scw::Server> {
         let server = self
@@ -563,12 +573,7 @@ impl Provider for ScalewayProvider {
     }
 
     async fn list_volumes(&self) -> Result<Vec<Volume>> {
-        let query = [("project", self.client.project_id().to_string())];
-        let volumes: Vec<scw::Volume> = self
-            .client
-            .list_all("/volumes", &query, "volumes")
-            .await
-            .context("list volumes")?;
+        let volumes: Vec<scw::Volume> = self.list_in_project("volumes").await?;
         let mut volumes: Vec<Volume> = volumes.into_iter().map(to_volume).collect();
         volumes.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         Ok(volumes)
@@ -617,12 +622,7 @@ impl Provider for ScalewayProvider {
     }
 
     async fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
-        let query = [("project", self.client.project_id().to_string())];
-        let snapshots: Vec<scw::Snapshot> = self
-            .client
-            .list_all("/snapshots", &query, "snapshots")
-            .await
-            .context("list snapshots")?;
+        let snapshots: Vec<scw::Snapshot> = self.list_in_project("snapshots").await?;
         let mut snapshots: Vec<Snapshot> = snapshots.into_iter().map(to_snapshot).collect();
         snapshots.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         Ok(snapshots)
@@ -677,12 +677,7 @@ impl Provider for ScalewayProvider {
     }
 
     async fn list_images(&self) -> Result<Vec<Image>> {
-        let query = [("project", self.client.project_id().to_string())];
-        let images: Vec<scw::Image> = self
-            .client
-            .list_all("/images", &query, "images")
-            .await
-            .context("list images")?;
+        let images: Vec<scw::Image> = self.list_in_project("images").await?;
         let mut images: Vec<Image> = images.into_iter().map(to_image).collect();
         images.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         Ok(images)
@@ -747,12 +742,7 @@ impl Provider for ScalewayProvider {
                 self.delete_volume(&volume.id).await?;
             }
         }
-        let query = [("project", self.client.project_id().to_string())];
-        let snapshots: Vec<scw::Snapshot> = self
-            .client
-            .list_all("/snapshots", &query, "snapshots")
-            .await
-            .context("list snapshots")?;
+        let snapshots: Vec<scw::Snapshot> = self.list_in_project("snapshots").await?;
         let used: Vec<String> = self
             .list_images()
             .await?
