@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 ./scripts/build.sh
-cargo test --workspace -- --test-threads=2
+# A test that needs a tool of scripts/tools.list fails instead of skipping when it is missing.
+IMGFORGE_REQUIRE_TOOLS=1 cargo test --workspace -- --test-threads=2

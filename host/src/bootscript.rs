@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use crate::kernel::{self, Kernel};
+use crate::tools::RunTool;
 
 /// The bootscripts that ship with imgforge, by name.
 const BUILTIN: &[(&str, &str)] = &[(
@@ -162,6 +163,9 @@ pub fn build(
     Ok(info)
 }
 
+/// GRUB's modules for x86_64 EFI (Debian's grub-efi-amd64-bin).
+pub const GRUB_X86_64_EFI_DIR: &str = "/usr/lib/grub/x86_64-efi";
+
 /// Builds the GRUB EFI image the agent installs on root filesystems that
 /// have no GRUB of their own. Its prefix is `/EFI/BOOT`, where the agent
 /// writes grub.cfg next to it on the ESP.
@@ -169,13 +173,8 @@ fn grub_efi_image(modules: &[String]) -> Result<Option<initrd::GeneratedFile>> {
     if modules.is_empty() {
         return Ok(None);
     }
-    let dir = Path::new("/usr/lib/grub/x86_64-efi");
-    if !dir.is_dir() {
-        bail!(
-            "{} is missing: the bootscript asks for a GRUB EFI image; apt-get install grub-efi-amd64-bin",
-            dir.display()
-        );
-    }
+    let dir = crate::tools::require_path(GRUB_X86_64_EFI_DIR)
+        .context("the bootscript asks for a GRUB EFI image")?;
     let out = tempfile::NamedTempFile::new().context("create a temporary file")?;
     let status = std::process::Command::new("grub-mkimage")
         .args(["-O", "x86_64-efi", "-p", "/EFI/BOOT", "-d"])
@@ -184,7 +183,7 @@ fn grub_efi_image(modules: &[String]) -> Result<Option<initrd::GeneratedFile>> {
         .arg(out.path())
         .args(modules)
         .status()
-        .context("run grub-mkimage (apt-get install grub-efi-amd64-bin)")?;
+        .running("grub-mkimage")?;
     if !status.success() {
         bail!(
             "grub-mkimage failed ({status}) for modules {}",

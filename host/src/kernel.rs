@@ -8,6 +8,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use tracing::info;
 
+use crate::tools::RunTool;
+
 /// A kernel image and its module tree.
 #[derive(Clone, Debug)]
 pub struct Kernel {
@@ -77,7 +79,8 @@ fn apt_show(package: &str) -> Result<String> {
     let out = Command::new("apt-cache")
         .args(["show", "--no-all-versions", package])
         .output()
-        .context("run apt-cache (imgforge takes the kernel from Debian's packages; pass --kernel and --modules on other systems)")?;
+        .running("apt-cache")
+        .context("imgforge takes the kernel from Debian's packages (on other systems pass --kernel and --modules)")?;
     if !out.status.success() || out.stdout.is_empty() {
         bail!(
             "apt-cache knows no package {package}: run `apt-get update`, or pass --kernel FILE --modules DIR ({})",
@@ -104,7 +107,7 @@ fn download_and_unpack(name: &str, version: &str, dest: &Path) -> Result<()> {
         .args(["download", "-q", &format!("{name}={version}")])
         .current_dir(work.path())
         .status()
-        .context("run apt-get download")?;
+        .running("apt-get")?;
     if !status.success() {
         bail!(
             "apt-get download {name}={version} failed ({status}); is Debian's archive reachable?"
@@ -121,7 +124,7 @@ fn download_and_unpack(name: &str, version: &str, dest: &Path) -> Result<()> {
         .arg(&deb)
         .arg(&tree)
         .status()
-        .context("run dpkg-deb")?;
+        .running("dpkg-deb")?;
     if !status.success() {
         bail!("dpkg-deb -x {} failed ({status})", deb.display());
     }

@@ -17,3 +17,4 @@ pub mod resources;
 pub mod rootfs;
 pub mod scaleway;
 pub mod serve;
+pub mod tools;

@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use anyhow::{bail, Context, Result};
 
 use crate::guestfwd;
+use crate::tools::RunTool;
 
 /// The metadata server's address inside the guest (Scaleway's).
 pub const METADATA_GUEST_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 42);
@@ -179,7 +180,7 @@ pub(crate) fn spawn_logged(mut cmd: Command, serial_log: &Path) -> Result<Vm> {
         .stdout(Stdio::null())
         .stderr(stderr)
         .spawn()
-        .context("start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
+        .running("qemu-system-x86_64")?;
     Ok(Vm {
         child: Some(child),
         serial_log: serial_log.to_path_buf(),
@@ -387,8 +388,10 @@ impl UefiVm {
 
     /// Gives the machine its own copy of the UEFI variable store.
     pub fn prepare_vars(&self) -> Result<()> {
-        std::fs::copy(OVMF_VARS, &self.vars)
-            .with_context(|| format!("copy {OVMF_VARS} (apt-get install ovmf)"))?;
+        let template = crate::tools::require_path(OVMF_VARS)?;
+        crate::tools::require_path(OVMF_CODE)?;
+        std::fs::copy(template, &self.vars)
+            .with_context(|| format!("copy {OVMF_VARS} to {}", self.vars.display()))?;
         Ok(())
     }
 

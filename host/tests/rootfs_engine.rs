@@ -106,7 +106,7 @@ fn podman_view(l: &Listing) -> Listing {
 #[test]
 fn podman_create_and_export_matches_the_oci_source() {
     if let Err(e) = Engine::new(EngineKind::Podman).check() {
-        println!("SKIPPED: podman does not work here: {e:#}");
+        skip_for_missing_tool(&format!("podman does not work here: {e:#}"));
         return;
     }
     if !is_root() {

@@ -213,7 +213,7 @@ fn layer_compressions_and_docker_archives_give_identical_bytes() {
 #[test]
 fn matches_umoci_unpack() {
     if !have("umoci") {
-        println!("SKIPPED: umoci is not installed (apt-get install umoci; scripts/setup.sh does)");
+        skip_for_missing_tool("umoci is not installed (apt-get install umoci)");
         return;
     }
     if !is_root() {

@@ -342,7 +342,9 @@ mod tests {
     #[test]
     fn builds_a_complete_deterministic_initrd() {
         if !Path::new("/usr/sbin/mke2fs").exists() {
-            eprintln!("skipping: /usr/sbin/mke2fs is not installed (apt-get install e2fsprogs)");
+            crate::test_support::skip_for_missing_tool(
+                "/usr/sbin/mke2fs is not installed (apt-get install e2fsprogs)",
+            );
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -358,7 +360,9 @@ mod tests {
             .read_to_end(&mut cpio)
             .unwrap();
         let Some(names) = list_with_cpio_tool(&cpio) else {
-            eprintln!("skipping listing: the `cpio` tool is not installed");
+            crate::test_support::skip_for_missing_tool(
+                "the `cpio` tool is not installed (apt-get install cpio)",
+            );
             return;
         };
         assert_eq!(names.len(), initrd.entries, "{names:?}");

@@ -515,7 +515,9 @@ mod tests {
     fn real_cpio_tool_lists_and_extracts() {
         use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
         if !cpio_tool_available() {
-            eprintln!("skipping: the `cpio` tool is not installed (apt-get install cpio)");
+            crate::test_support::skip_for_missing_tool(
+                "the `cpio` tool is not installed (apt-get install cpio)",
+            );
             return;
         }
         let bytes = sample(false).to_vec().unwrap();

@@ -360,7 +360,9 @@ mod tests {
     fn mke2fs_closure_matches_ldd() {
         let mke2fs = PathBuf::from("/usr/sbin/mke2fs");
         if !mke2fs.exists() {
-            eprintln!("skipping: /usr/sbin/mke2fs is not installed (apt-get install e2fsprogs)");
+            crate::test_support::skip_for_missing_tool(
+                "/usr/sbin/mke2fs is not installed (apt-get install e2fsprogs)",
+            );
             return;
         }
         let libs = library_closure(std::slice::from_ref(&mke2fs)).unwrap();
@@ -414,7 +416,9 @@ mod tests {
             .map(|o| String::from_utf8_lossy(&o.stdout).contains("statically linked"))
             .unwrap_or(false);
         if !is_static {
-            eprintln!("skipping: /bin/busybox is absent or not statically linked");
+            crate::test_support::skip_for_missing_tool(
+                "/bin/busybox is absent or not statically linked (apt-get install busybox-static)",
+            );
             return;
         }
         assert_eq!(library_closure(&[busybox]).unwrap(), []);
@@ -424,7 +428,9 @@ mod tests {
     fn missing_library_names_it_and_the_binary() {
         let mke2fs = PathBuf::from("/usr/sbin/mke2fs");
         if !mke2fs.exists() {
-            eprintln!("skipping: /usr/sbin/mke2fs is not installed");
+            crate::test_support::skip_for_missing_tool(
+                "/usr/sbin/mke2fs is not installed (apt-get install e2fsprogs)",
+            );
             return;
         }
         let empty = tempfile::tempdir().unwrap();
@@ -453,7 +459,9 @@ mod tests {
     fn fake_search_path_finds_symlinked_libraries_and_skips_non_elf() {
         let mke2fs = PathBuf::from("/usr/sbin/mke2fs");
         if !mke2fs.exists() {
-            eprintln!("skipping: /usr/sbin/mke2fs is not installed");
+            crate::test_support::skip_for_missing_tool(
+                "/usr/sbin/mke2fs is not installed (apt-get install e2fsprogs)",
+            );
             return;
         }
         // First directory: a decoy that is not ELF (ld.so skips it); second
@@ -504,7 +512,9 @@ mod tests {
                 .unwrap_or(false)
         };
         if !ok(&["-shared", "-fPIC", "-o", "app/lib/libfoo.so", "foo.c"]) {
-            eprintln!("skipping: gcc cannot build a shared library here");
+            crate::test_support::skip_for_missing_tool(
+                "gcc cannot build a shared library here (apt-get install gcc)",
+            );
             return;
         }
         assert!(ok(&[

@@ -605,7 +605,9 @@ mod tests {
         .unwrap();
         let ok = |cmd: &mut Command| cmd.status().map(|s| s.success()).unwrap_or(false);
         if !ok(Command::new("gcc").arg("-c").arg(&c).arg("-o").arg(&obj)) {
-            eprintln!("skipping: gcc is not available to build a test object");
+            crate::test_support::skip_for_missing_tool(
+                "gcc is not available to build a test object (apt-get install gcc)",
+            );
             return;
         }
         let ko = dir.path().join("tree/real-mod.ko");

@@ -69,3 +69,13 @@ pub(crate) fn write_fake_modules(dir: &Path, modules: &[(&str, &str, &[&str])]) 
         fs::write(path, fake_module(name, depends)).unwrap();
     }
 }
+
+/// A test needs a tool that scripts/setup.sh installs and it is missing: outside the project's
+/// setup the test is skipped with `message`; under scripts/test.sh (which sets
+/// `IMGFORGE_REQUIRE_TOOLS=1`) it fails, so that a missing install step cannot pass as a skip.
+pub fn skip_for_missing_tool(message: &str) {
+    if std::env::var_os("IMGFORGE_REQUIRE_TOOLS").is_some() {
+        panic!("{message} (scripts/test.sh requires every tool of scripts/tools.list)");
+    }
+    eprintln!("skipping: {message}");
+}

@@ -4,6 +4,7 @@
 
 pub mod fake_scaleway;
 pub mod http_fixture;
+pub mod unix_user;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

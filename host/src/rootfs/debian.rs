@@ -9,7 +9,7 @@
 //! mmdebstrap writes the tarball to its standard output, which is
 //! normalised and compressed like any other source (nothing is staged
 //! besides the usual content spool). It runs in root mode as root and in
-//! unshare mode otherwise.
+//! unshare mode otherwise, whose prerequisites `unshare.rs` checks first.
 
 use std::process::Command;
 
@@ -18,6 +18,8 @@ use anyhow::{bail, Context, Result};
 use super::engine::run_stream;
 use super::output::Output;
 use super::tree::LayerSpec;
+use super::unshare;
+use crate::tools::RunTool;
 
 /// Options of the `debian:` source.
 #[derive(Debug, Clone)]
@@ -85,12 +87,8 @@ pub fn command(suite: &str, arch: &str, opts: &DebianOptions) -> Result<Command>
             packages.push(p.to_string());
         }
     }
-    // Root mode needs root; unshare mode needs user namespaces.
-    let mode = if unsafe { libc::geteuid() } == 0 {
-        "root"
-    } else {
-        "unshare"
-    };
+    // Root mode needs root; unshare mode needs user namespaces (see unshare.rs).
+    let mode = if root_mode() { "root" } else { "unshare" };
     let grub_hook = format!(
         "mkdir -p \"$1/etc/default/grub.d\" && printf '%s' '{}' > \"$1/etc/default/grub.d/50-imgforge-serial.cfg\"",
         GRUB_SERIAL_CFG
@@ -111,15 +109,27 @@ pub fn command(suite: &str, arch: &str, opts: &DebianOptions) -> Result<Command>
     Ok(cmd)
 }
 
+/// Whether mmdebstrap runs in root mode (as root) or unshare mode (anyone else).
+fn root_mode() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
 /// Builds the rootfs of `suite` into `out`.
 pub(crate) fn build(suite: &str, arch: &str, opts: &DebianOptions, out: &mut Output) -> Result<()> {
     let cmd = command(suite, arch, opts)?;
-    match Command::new("mmdebstrap").arg("--version").output() {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!("debian:{suite} needs mmdebstrap, which is not installed: apt-get install mmdebstrap")
+    Command::new("mmdebstrap")
+        .arg("--version")
+        .output()
+        .running("mmdebstrap")
+        .with_context(|| format!("debian:{suite} needs mmdebstrap"))?;
+    if !root_mode() {
+        let problems = unshare::problems(&unshare::Facts::gather());
+        if !problems.is_empty() {
+            bail!(
+                "debian:{suite} as a non-root user runs mmdebstrap in unshare mode, which this machine is not ready for (or run imgforge as root):\n  - {}",
+                problems.join("\n  - ")
+            );
         }
-        Err(e) => return Err(e).context("cannot run mmdebstrap"),
-        Ok(_) => {}
     }
     tracing::info!("debian:{suite}: running mmdebstrap (downloads about 130 MB)");
     run_stream(

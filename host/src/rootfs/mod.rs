@@ -8,7 +8,7 @@
 //! | `oci:PATH[:TAG]` | `oci.rs`: an OCI image layout, layers applied natively |
 //! | `docker-archive:PATH[:TAG]` | `docker_archive.rs`: `docker save` output, same |
 //! | `docker:IMAGE`, `podman:IMAGE` | `engine.rs`: `create` + `export` through the engine |
-//! | `debian:SUITE` | `debian.rs`: mmdebstrap, with a kernel and GRUB |
+//! | `debian:SUITE` | `debian.rs`: mmdebstrap, with a kernel and GRUB; `unshare.rs`: what a non-root user needs for it |
 //!
 //! Every source ends in `output.rs`: one tar writer (sorted, numeric owners,
 //! xattrs as pax records), compressed as FILE's name says (`.tar`,
@@ -26,6 +26,7 @@ mod output;
 mod tar;
 mod tarstream;
 mod tree;
+mod unshare;
 
 use std::fmt;
 use std::io::Read;

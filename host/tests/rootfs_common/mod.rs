@@ -29,6 +29,16 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// A test needs a tool that scripts/setup.sh installs and it is missing: outside the project's
+/// setup the test is skipped with `message`; under scripts/test.sh (which sets
+/// `IMGFORGE_REQUIRE_TOOLS=1`) it fails, so that a missing install step cannot pass as a skip.
+pub fn skip_for_missing_tool(message: &str) {
+    if std::env::var_os("IMGFORGE_REQUIRE_TOOLS").is_some() {
+        panic!("{message} (scripts/test.sh requires every tool of scripts/tools.list)");
+    }
+    eprintln!("skipping: {message}");
+}
+
 pub fn have(program: &str) -> bool {
     Command::new(program)
         .arg("--version")

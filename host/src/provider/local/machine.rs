@@ -17,6 +17,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tracing::{debug, warn};
 
+use crate::tools::RunTool;
+
 /// The runtime files of one server, in its directory.
 pub struct MachineFiles {
     dir: PathBuf,
@@ -72,7 +74,7 @@ pub fn launch(mut cmd: Command, files: &MachineFiles, name: &str) -> Result<u32>
         .stdout(Stdio::null())
         .stderr(log)
         .status()
-        .context("start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
+        .running("qemu-system-x86_64")?;
     if !status.success() {
         let message = std::fs::read_to_string(files.qemu_log()).unwrap_or_default();
         bail!("QEMU failed to start ({status}): {}", message.trim());

@@ -31,6 +31,7 @@ use super::{
 };
 use crate::accel::AccelChoice;
 use crate::qemu::{self, Accel, GuestCommand, GuestForward, PortForward, UserNet};
+use crate::tools::RunTool;
 
 /// Where a server reaches the host services of its spec.
 pub const HOST_SERVICES_GUEST_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 10);
@@ -726,7 +727,7 @@ fn qemu_img<const N: usize>(args: [&OsStr; N]) -> Result<()> {
     let output = Command::new("qemu-img")
         .args(args)
         .output()
-        .context("run qemu-img (apt-get install qemu-utils)")?;
+        .running("qemu-img")?;
     if !output.status.success() {
         bail!(
             "qemu-img {:?} failed: {}",
