@@ -33,12 +33,26 @@ pub struct BootArgs {
     /// Keep the console log here (default: a temporary file).
     #[arg(long)]
     pub console_log: Option<PathBuf>,
+    /// The server test instead: a throwaway server from the (local provider)
+    /// image with a fresh SSH key, logged in over SSH, `cloud-init status
+    /// --wait`, then --command; the server is removed whatever happens.
+    #[arg(long)]
+    pub ssh: bool,
+    /// --ssh: what to run in the server once cloud-init is done.
+    #[arg(long, default_value = "uname -a", requires = "ssh")]
+    pub command: String,
+    /// --ssh: the server's root volume size (default: the image's).
+    #[arg(long, value_parser = crate::size::parse_size, requires = "ssh")]
+    pub root_size: Option<u64>,
 }
 
 /// The QEMU process to kill if imgforge is interrupted.
 static RUNNING_QEMU: AtomicU32 = AtomicU32::new(0);
 
 pub fn run_boot(args: BootArgs, json: bool) -> Result<()> {
+    if args.ssh {
+        return run_server_test(&args, json);
+    }
     let accel = crate::accel::resolve(args.accel)?;
     let disk = resolve_target(&args.target, args.accel)?;
     let pattern =
@@ -49,6 +63,7 @@ pub fn run_boot(args: BootArgs, json: bool) -> Result<()> {
         .clone()
         .unwrap_or_else(|| dir.path().join("console.log"));
     let vm = UefiVm {
+        instance: None,
         disk: disk.clone(),
         memory_mib: args.memory,
         cpus: 2,
@@ -94,6 +109,34 @@ pub fn run_boot(args: BootArgs, json: bool) -> Result<()> {
             args.target,
             line.trim_end()
         );
+    }
+    Ok(())
+}
+
+/// `imgforge boot IMAGE --ssh`.
+fn run_server_test(args: &BootArgs, json: bool) -> Result<()> {
+    let home = crate::provider::local::store::Store::default_home()?;
+    let provider = crate::provider::local::LocalProvider::open(&home, args.accel)?;
+    let report = crate::server_test::run(
+        std::sync::Arc::new(provider),
+        &args.target,
+        &crate::server_test::ServerTestOptions {
+            root_size: args.root_size,
+            memory_mib: Some(args.memory),
+            command: args.command.clone(),
+            timeout: Duration::from_secs(args.timeout),
+        },
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "server test of {}: SSH login after {:.1} s, cloud-init done after {:.1} s",
+            report.image, report.ssh_ready_s, report.cloud_init_done_s
+        );
+        println!("{}", report.cloud_init_status);
+        println!("$ {}", report.command);
+        print!("{}", report.output);
     }
     Ok(())
 }

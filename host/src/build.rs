@@ -38,8 +38,9 @@ use crate::done_signal::{self, DoneLine};
 use crate::provider::{
     Boot, Provider, ServerSpec, ServerState, VolumeSpec, BUILD_SERVER_PREFIX, BUILD_TAG_PREFIX,
 };
-use crate::resources::{parse_size, ProviderArgs};
+use crate::resources::ProviderArgs;
 use crate::serve::ArtifactServer;
+use crate::size::parse_size;
 
 /// The agent's done-signal port in the image-creation initrd (the
 /// original's default).
@@ -83,6 +84,10 @@ pub struct BuildArgs {
     /// debian: sources: the image's /etc/hostname.
     #[arg(long, default_value = "debian")]
     pub hostname: String,
+    /// debian: sources: what the image is for: `cloud` (SSH, cloud-init,
+    /// DHCP, guest agent, growing root) or `minimal` (a console login).
+    #[arg(long, value_enum, default_value = "cloud")]
+    pub profile: crate::rootfs::Profile,
     /// debian: sources: more packages (comma-separated).
     #[arg(long, value_delimiter = ',', value_name = "PKG,...")]
     pub include: Vec<String>,
@@ -160,6 +165,9 @@ pub struct BuildReport {
     pub build_id: String,
     pub seconds: f64,
     pub done: DoneLine,
+    /// What a server from the image would lack (a local rootfs only; see
+    /// `readiness.rs`).
+    pub readiness: Option<crate::readiness::Readiness>,
 }
 
 /// The servers this build created, for the interrupt handler, and whether
@@ -231,7 +239,7 @@ pub fn run_build(args: BuildArgs, json: bool) -> Result<()> {
 }
 
 /// 8 random hex digits.
-fn new_build_id() -> String {
+pub fn new_build_id() -> String {
     let mut bytes = [0u8; 4];
     if getrandom::fill(&mut bytes).is_err() {
         bytes = std::process::id().to_le_bytes();
@@ -352,6 +360,7 @@ async fn build(
     } else {
         resolve_rootfs(input, args, work.path()).await?
     };
+    let mut readiness = None;
     match resolved {
         Input::Url(url) => {
             let guest = provider.guest_url(&url)?;
@@ -363,6 +372,9 @@ async fn build(
             tags.push(format!("{url_key}={guest}"));
         }
         Input::File(path) => {
+            if args.method != Method::FromQcow2 {
+                readiness = Some(warn_about_readiness(&path).await?);
+            }
             let served = artifacts.add_file(&path).await?;
             tags.push(format!("{url_key}={}", reach(&served.url)?));
             tags.push(format!("{sha_key}={}", served.sha256));
@@ -415,6 +427,7 @@ async fn build(
         host_services,
         memory_mib: Some(args.memory),
         cloud_init,
+        ssh_public_keys: vec![],
     };
     created.begin();
     let server = provider.create_server(&spec).await?;
@@ -481,6 +494,7 @@ async fn build(
         build_id: build_id.into(),
         seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         done,
+        readiness,
     })
 }
 
@@ -605,6 +619,7 @@ async fn resolve_rootfs(rootfs: &str, args: &BuildArgs, work: &Path) -> Result<I
     let opts = crate::rootfs::Options {
         arch: Some(args.arch.clone()),
         debian: crate::rootfs::DebianOptions {
+            profile: args.profile,
             include: args.include.clone(),
             mirror: None,
             hostname: args.hostname.clone(),
@@ -624,6 +639,21 @@ async fn resolve_rootfs(rootfs: &str, args: &BuildArgs, work: &Path) -> Result<I
         report.size >> 20
     );
     Ok(Input::File(output))
+}
+
+/// Checks a local rootfs tarball for what a server needs and warns about each finding: the
+/// build goes on (a minimal image is a choice), but the user learns it before a build server is
+/// spent on it.
+async fn warn_about_readiness(rootfs: &Path) -> Result<crate::readiness::Readiness> {
+    let path = rootfs.to_path_buf();
+    let view = tokio::task::spawn_blocking(move || crate::readiness::TarView::read(&path))
+        .await?
+        .context("check the rootfs for what a server needs")?;
+    let readiness = crate::readiness::assess(&view);
+    for line in crate::readiness::render(&readiness.findings) {
+        tracing::warn!("rootfs: {line}");
+    }
+    Ok(readiness)
 }
 
 /// Follows the server until the agent's done line arrives: progress from

@@ -27,7 +27,8 @@ use tracing::debug;
 #[derive(clap::Args, Debug, Clone)]
 pub struct InspectArgs {
     /// A raw or qcow2 disk image file (convert other formats with
-    /// `qemu-img convert -O raw` first).
+    /// `qemu-img convert -O raw` first), or a rootfs tarball (FILE.tar[.gz|.zst|.xz]:
+    /// only what a server from it would have and lack).
     pub disk: PathBuf,
     /// List at most this many files of each FAT filesystem (the ESP).
     #[arg(long, default_value_t = 1000)]
@@ -161,6 +162,9 @@ pub struct Ext4Report {
     pub initrds: Vec<String>,
     /// The entries of /etc/fstab (comments and blank lines left out).
     pub fstab: Option<Vec<String>>,
+    /// What a server from this root filesystem would have and lack (a
+    /// filesystem with /etc only).
+    pub server: Option<crate::readiness::Readiness>,
 }
 
 #[derive(Serialize, Debug, Clone, Default, PartialEq, Eq)]
@@ -171,17 +175,41 @@ pub struct OsRelease {
 }
 
 pub fn run_inspect(args: InspectArgs, json: bool) -> Result<()> {
-    let report = inspect_disk(&args.disk, args.max_files)?;
-    let text = if json {
-        serde_json::to_string_pretty(&report)? + "\n"
+    let text = if is_tarball(&args.disk) {
+        let view = crate::readiness::TarView::read(&args.disk)?;
+        let server = crate::readiness::assess(&view);
+        if json {
+            serde_json::to_string_pretty(&serde_json::json!({
+                "path": args.disk.display().to_string(),
+                "format": "tar",
+                "server": server,
+            }))? + "\n"
+        } else {
+            let mut out = format!("{}: a root filesystem tarball\n", args.disk.display());
+            render_readiness(&mut out, &server);
+            out
+        }
     } else {
-        render_text(&report)
+        let report = inspect_disk(&args.disk, args.max_files)?;
+        if json {
+            serde_json::to_string_pretty(&report)? + "\n"
+        } else {
+            render_text(&report)
+        }
     };
     // `imgforge inspect DISK | head` is fine: a closed pipe is not an error.
     match io::stdout().lock().write_all(text.as_bytes()) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         result => result.context("write the report to stdout"),
     }
+}
+
+/// A root filesystem tarball, by its name (`imgforge rootfs` writes these).
+fn is_tarball(path: &Path) -> bool {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    [".tar", ".tar.gz", ".tgz", ".tar.zst", ".tar.xz"]
+        .iter()
+        .any(|suffix| name.ends_with(suffix))
 }
 
 /// Reads the partition table and filesystems of the raw disk image at
@@ -697,7 +725,10 @@ fn read_ext4(range: ByteRange<'_>, warn: &mut dyn FnMut(String)) -> Result<Ext4R
             .cloned()
             .collect()
     };
+    let server =
+        matches!(fs.exists("/etc"), Ok(true)).then(|| crate::readiness::assess(&Ext4View(&fs)));
     Ok(Ext4Report {
+        server,
         label: Some(label).filter(|l| !l.is_empty()),
         uuid: fs.uuid().to_string(),
         block_size,
@@ -708,6 +739,33 @@ fn read_ext4(range: ByteRange<'_>, warn: &mut dyn FnMut(String)) -> Result<Ext4R
         initrds: named("initrd.img-"),
         fstab,
     })
+}
+
+/// An ext4 filesystem as the readiness checks see it.
+struct Ext4View<'a>(&'a ext4_view::Ext4);
+
+impl crate::readiness::RootView for Ext4View<'_> {
+    fn exists(&self, path: &str) -> bool {
+        self.0.symlink_metadata(path).is_ok()
+    }
+
+    fn read(&self, path: &str) -> Option<Vec<u8>> {
+        match self.0.metadata(path) {
+            Ok(m) if m.len() <= 1 << 20 => self.0.read(path).ok(),
+            _ => None,
+        }
+    }
+
+    fn list(&self, path: &str) -> Vec<String> {
+        match self.0.read_dir(path) {
+            Ok(entries) => entries
+                .flatten()
+                .map(|e| e.file_name().display().to_string())
+                .filter(|n| n != "." && n != "..")
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
 }
 
 /// Parses the os-release(5) keys the report shows.
@@ -896,7 +954,7 @@ pub fn render_text(report: &Report) -> String {
         } else {
             "qcow2, virtual size "
         },
-        human_size(report.disk_size_bytes),
+        crate::size::format_size(report.disk_size_bytes),
         report.disk_size_bytes
     );
     for partition in &report.partitions {
@@ -915,7 +973,7 @@ pub fn render_text(report: &Report) -> String {
             partition.first_lba,
             partition.last_lba,
             partition.start_bytes,
-            human_size(partition.size_bytes),
+            crate::size::format_size(partition.size_bytes),
             partition.size_bytes
         );
         render_filesystem(&mut out, &partition.filesystem);
@@ -931,6 +989,18 @@ pub fn render_text(report: &Report) -> String {
         }
     }
     out
+}
+
+/// The readiness lines of a root filesystem (disk or tarball).
+fn render_readiness(out: &mut String, server: &crate::readiness::Readiness) {
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "  as a server: {}", server.present.join("; "));
+    if server.is_ready() {
+        let _ = writeln!(out, "  nothing missing for a cloud server");
+    }
+    for line in crate::readiness::render(&server.findings) {
+        let _ = writeln!(out, "  {line}");
+    }
 }
 
 fn render_filesystem(out: &mut String, filesystem: &FilesystemReport) {
@@ -984,6 +1054,9 @@ fn render_filesystem(out: &mut String, filesystem: &FilesystemReport) {
         };
         let _ = writeln!(out, "  kernels: {}", list(&ext4.kernels));
         let _ = writeln!(out, "  initrds: {}", list(&ext4.initrds));
+        if let Some(server) = &ext4.server {
+            render_readiness(out, server);
+        }
         match &ext4.fstab {
             Some(lines) if lines.is_empty() => {
                 let _ = writeln!(out, "  fstab: (no entries)");
@@ -998,24 +1071,6 @@ fn render_filesystem(out: &mut String, filesystem: &FilesystemReport) {
                 let _ = writeln!(out, "  fstab: (none)");
             }
         }
-    }
-}
-
-/// 104857600 -> "100 MiB".
-fn human_size(bytes: u64) -> String {
-    const UNITS: &[&str] = &["bytes", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} bytes")
-    } else if value.fract() == 0.0 {
-        format!("{value} {}", UNITS[unit])
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
     }
 }
 
@@ -1047,8 +1102,8 @@ mod tests {
 
     #[test]
     fn sizes_read_like_people_write_them() {
-        assert_eq!(human_size(512), "512 bytes");
-        assert_eq!(human_size(100 << 20), "100 MiB");
-        assert_eq!(human_size(3 << 29), "1.5 GiB");
+        assert_eq!(crate::size::format_size(512), "512 bytes");
+        assert_eq!(crate::size::format_size(100 << 20), "100 MiB");
+        assert_eq!(crate::size::format_size(3 << 29), "1.5 GiB");
     }
 }

@@ -18,6 +18,9 @@ use crate::tools::RunTool;
 /// The metadata server's address inside the guest (Scaleway's).
 pub const METADATA_GUEST_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 42);
 
+/// The host's side of user networking: the guest's gateway.
+pub const USER_NET_HOST_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 2);
+
 /// Which accelerator QEMU uses. KVM guests hang on nested-virtualisation
 /// machines like the development ones, so callers choose.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,7 +74,7 @@ impl UserNet {
             "id=n0".into(),
             "restrict=on".into(),
             "net=169.254.0.0/16".into(),
-            "host=169.254.0.2".into(),
+            format!("host={USER_NET_HOST_IP}"),
             "dhcpstart=169.254.0.15".into(),
         ];
         for f in &self.host_forwards {
@@ -354,6 +357,37 @@ pub struct UefiVm {
     pub extra_disks: Vec<PathBuf>,
     /// No network at all when `None`.
     pub net: Option<UserNet>,
+    /// What makes the machine a Scaleway instance to the software inside.
+    pub instance: Option<InstanceIdentity>,
+}
+
+/// What a server started from an image gets so that its software sees a Scaleway instance:
+/// SMBIOS system-manufacturer `Scaleway` and a product name (cloud-init's ds-identify and
+/// datasource detect Scaleway by it), and the QEMU guest agent's channel
+/// (`org.qemu.guest_agent.0`, on a Unix socket on this side).
+#[derive(Clone, Debug)]
+pub struct InstanceIdentity {
+    /// SMBIOS product name, like Scaleway's `SCW-<commercial type>`.
+    pub product: String,
+    pub guest_agent_socket: PathBuf,
+}
+
+impl InstanceIdentity {
+    fn add_to(&self, cmd: &mut Command) {
+        cmd.arg("-smbios").arg(format!(
+            "type=1,manufacturer=Scaleway,product={}",
+            qemu_escape(&self.product)
+        ));
+        cmd.args(["-device", "virtio-serial-pci,id=vser0"]);
+        cmd.arg("-chardev").arg(format!(
+            "socket,id=qga0,path={},server=on,wait=off",
+            qemu_escape(&self.guest_agent_socket.to_string_lossy())
+        ));
+        cmd.args([
+            "-device",
+            "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
+        ]);
+    }
 }
 
 impl UefiVm {
@@ -382,6 +416,9 @@ impl UefiVm {
             None => {
                 cmd.args(["-net", "none"]);
             }
+        }
+        if let Some(instance) = &self.instance {
+            instance.add_to(&mut cmd);
         }
         cmd
     }

@@ -13,6 +13,8 @@ use crate::provider::scaleway::{ScalewayOptions, ScalewayProvider};
 use crate::provider::{
     find_image, find_server, find_snapshot, Boot, Provider, ServerSpec, VolumeSpec,
 };
+use crate::size::parse_size;
+use crate::tools::RunTool;
 
 /// Which provider, and how it runs servers.
 #[derive(Args, Debug, Clone)]
@@ -116,6 +118,19 @@ pub enum ServerCommand {
         /// Guest memory in MiB.
         #[arg(long)]
         memory: Option<u32>,
+        /// Volume 0's size when it comes from --image (at least the image's;
+        /// the server grows its root partition and filesystem into it).
+        #[arg(long, value_parser = parse_size, requires = "image")]
+        root_size: Option<u64>,
+        /// An OpenSSH public key (FILE.pub) the metadata service gives the
+        /// server; repeatable. The private key beside the first is what
+        /// `imgforge server ssh` logs in with.
+        #[arg(long = "ssh-key", value_name = "FILE.pub")]
+        ssh_keys: Vec<PathBuf>,
+        /// cloud-init user data (a cloud-config or a script), served to the
+        /// server as `user_data/cloud-init`.
+        #[arg(long, value_name = "FILE")]
+        user_data: Option<PathBuf>,
     },
     List,
     Get {
@@ -131,6 +146,20 @@ pub enum ServerCommand {
     SetTags {
         server: String,
         tags: Vec<String>,
+    },
+    /// Log in with the system's OpenSSH client (the server's port 22 must be
+    /// exposed and the server running), like `scw instance server ssh`.
+    Ssh {
+        server: String,
+        /// The private key (default: the one the server was created with).
+        #[arg(short = 'i', value_name = "FILE")]
+        identity: Option<PathBuf>,
+        /// The user to log in as.
+        #[arg(short = 'l', long, default_value = "root")]
+        user: String,
+        /// A command to run instead of a shell (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
     },
     /// Print the end of the serial console.
     Console {
@@ -218,6 +247,49 @@ fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) -
     Ok(())
 }
 
+/// cloud-init user data from a file: text, as the metadata service serves it.
+fn read_user_data(path: &std::path::Path) -> Result<String> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read the user data {}", path.display()))?;
+    String::from_utf8(bytes).map_err(|_| {
+        anyhow::anyhow!(
+            "the user data {} is not text: give a cloud-config or a script",
+            path.display()
+        )
+    })
+}
+
+/// How to reach `server`'s sshd: it must be running with port 22 exposed.
+pub fn ssh_target(
+    server: &crate::provider::Server,
+    identity: Option<PathBuf>,
+    user: &str,
+) -> Result<crate::ssh::Target> {
+    if server.state != crate::provider::ServerState::Running {
+        anyhow::bail!(
+            "server {} is {}: start it first (imgforge server start {})",
+            server.name,
+            server.state,
+            server.name
+        );
+    }
+    let Some(address) = server.endpoints.get(&22) else {
+        anyhow::bail!(
+            "server {} does not expose port 22: create it with --expose 22",
+            server.name
+        );
+    };
+    let state = crate::ssh::state_dir()?;
+    std::fs::create_dir_all(&state).with_context(|| format!("create {}", state.display()))?;
+    Ok(crate::ssh::Target {
+        server: server.id.clone(),
+        address: *address,
+        user: user.to_string(),
+        identity: identity.or_else(|| crate::ssh::remembered_identity(&server.id)),
+        known_hosts: state.join(format!("{}.known_hosts", server.id)),
+    })
+}
+
 fn server_line(s: &crate::provider::Server) -> String {
     format!("{}  {:<20} {:<9} {}", s.id, s.name, s.state, s.state_detail)
 }
@@ -235,12 +307,23 @@ pub fn run_server(command: ServerCommand, provider: &ProviderArgs, json: bool) -
                 tags,
                 exposed_ports,
                 memory,
+                root_size,
+                ssh_keys,
+                user_data,
             } => {
+                // Every input is checked before anything is created.
+                let keys = ssh_keys
+                    .iter()
+                    .map(|k| crate::ssh::read_public_key(k))
+                    .collect::<Result<Vec<_>>>()?;
+                let identity = ssh_keys.first().and_then(|k| crate::ssh::private_key_of(k));
+                let cloud_init = user_data.as_deref().map(read_user_data).transpose()?;
                 let mut volume_specs = Vec::new();
                 if let Some(image) = image {
                     let image = find_image(p.as_ref(), &image).await?;
                     volume_specs.push(VolumeSpec::FromSnapshot {
                         snapshot: image.root_volume,
+                        size: root_size,
                     });
                 }
                 volume_specs.extend(volumes.into_iter().map(|size| VolumeSpec::Blank { size }));
@@ -255,9 +338,13 @@ pub fn run_server(command: ServerCommand, provider: &ProviderArgs, json: bool) -
                     exposed_ports,
                     host_services: vec![],
                     memory_mib: memory,
-                    cloud_init: None,
+                    cloud_init,
+                    ssh_public_keys: keys.into_iter().map(|k| k.line).collect(),
                 };
                 let server = p.create_server(&spec).await?;
+                if let Some(identity) = identity {
+                    crate::ssh::remember_identity(&server.id, &identity)?;
+                }
                 print(json, &server, server_line)
             }
             ServerCommand::List => {
@@ -293,6 +380,18 @@ pub fn run_server(command: ServerCommand, provider: &ProviderArgs, json: bool) -
                 let server = p.set_server_tags(&server.id, &tags).await?;
                 print(json, &server, server_line)
             }
+            ServerCommand::Ssh {
+                server,
+                identity,
+                user,
+                command,
+            } => {
+                let server = find_server(p.as_ref(), &server).await?;
+                let target = ssh_target(&server, identity, &user)?;
+                let status = target.command(&command, true).status().running("ssh")?;
+                // ssh's own exit code (the remote command's, or 255) is ours.
+                std::process::exit(status.code().unwrap_or(255));
+            }
             ServerCommand::Console { server, lines } => {
                 let server = find_server(p.as_ref(), &server).await?;
                 let tail = p.console_tail(&server.id, lines).await?;
@@ -311,6 +410,7 @@ pub fn run_server(command: ServerCommand, provider: &ProviderArgs, json: bool) -
                     p.stop_server(&server.id).await?;
                 }
                 p.delete_server(&server.id, !keep_volumes).await?;
+                crate::ssh::forget(&server.id);
                 print(json, &serde_json::json!({ "deleted": server.id }), |_| {
                     format!("deleted server {} ({})", server.name, server.id)
                 })
@@ -424,49 +524,9 @@ pub fn run_image(command: ImageCommand, provider: &ProviderArgs, json: bool) -> 
     })
 }
 
-/// `4G`, `512M`, `100K` or bytes (powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (digits, multiplier) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(format!("{s:?}: unknown size suffix (use K, M, G or T)")),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (examples: 4G, 512M)"))?;
-    n.checked_mul(multiplier)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
-
 fn absolute(path: &str) -> Result<String> {
     let p = std::fs::canonicalize(path).with_context(|| format!("bootscript directory {path}"))?;
     Ok(p.to_string_lossy().into_owned())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4G"), Ok(4 << 30));
-        assert_eq!(parse_size("512m"), Ok(512 << 20));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("4X").unwrap_err().contains("suffix"));
-        assert!(parse_size("G").is_err());
-        assert!(parse_size("99999999999T")
-            .unwrap_err()
-            .contains("too large"));
-    }
 }
 
 /// `imgforge cleanup`: what interrupted builds left behind.

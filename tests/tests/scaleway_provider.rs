@@ -73,6 +73,7 @@ fn spec() -> ServerSpec {
         host_services: vec![],
         memory_mib: None,
         cloud_init: None,
+        ssh_public_keys: vec![],
     }
 }
 

@@ -31,8 +31,13 @@ pub enum Boot {
 pub enum VolumeSpec {
     /// An empty volume of `size` bytes.
     Blank { size: u64 },
-    /// A copy of a snapshot.
-    FromSnapshot { snapshot: String },
+    /// A copy of a snapshot, grown to `size` bytes when given (never
+    /// smaller than the snapshot).
+    FromSnapshot {
+        snapshot: String,
+        #[serde(default)]
+        size: Option<u64>,
+    },
 }
 
 /// What to create a server with.
@@ -50,10 +55,14 @@ pub struct ServerSpec {
     pub host_services: Vec<SocketAddr>,
     /// Guest memory in MiB (local) or the commercial type's (cloud).
     pub memory_mib: Option<u32>,
-    /// A script cloud-init runs at the first boot of a server that starts
-    /// from a stock image (the helper strategy). A provider without user
-    /// data refuses it.
+    /// The user data cloud-init reads (`user_data/cloud-init` on the metadata
+    /// service): a script or a cloud-config, run at the server's first boot.
+    /// A provider without user data refuses it.
     pub cloud_init: Option<String>,
+    /// OpenSSH public keys (`ssh-ed25519 AAAA... comment`) the metadata
+    /// service gives the server (`ssh_public_keys`). A provider whose keys
+    /// live elsewhere refuses them with where to put them.
+    pub ssh_public_keys: Vec<String>,
 }
 
 /// Scaleway's server states.

@@ -377,8 +377,9 @@ impl Provider for ScalewayProvider {
                         volume_type: Some("l_ssd".to_string()),
                         ..VolumeTemplate::default()
                     },
-                    VolumeSpec::FromSnapshot { snapshot } => VolumeTemplate {
+                    VolumeSpec::FromSnapshot { snapshot, size } => VolumeTemplate {
                         name,
+                        size: *size,
                         base_snapshot: Some(snapshot.clone()),
                         volume_type: Some("l_ssd".to_string()),
                         ..VolumeTemplate::default()
@@ -391,6 +392,13 @@ impl Provider for ScalewayProvider {
             Some(Boot::Bootscript(id)) => Some(id.clone()),
             Some(Boot::Local) | None => None,
         };
+        if !spec.ssh_public_keys.is_empty() {
+            bail!(
+                "Scaleway gives servers the SSH keys of the project (IAM), not keys of one \
+                 server: add the key with `scw iam ssh-key create public-key=\"$(cat KEY.pub)\"` \
+                 and create the server without --ssh-key"
+            );
+        }
         if bootscript.is_some() && spec.cloud_init.is_some() {
             bail!("cloud-init runs in a stock image, not in a bootscript's initrd");
         }

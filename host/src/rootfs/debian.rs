@@ -6,6 +6,11 @@
 //! (`/etc/default/grub.d/50-imgforge-serial.cfg`), and `/etc/hostname` a
 //! fixed name instead of the build host's, which mmdebstrap would copy.
 //!
+//! Two profiles ([`Profile`]): `cloud` (the default) adds what a server needs
+//! to be usable, [`CLOUD_PACKAGES`] with the customize hook `debian_cloud.sh`
+//! (DHCP on any NIC, cloud-init, SSH by key only, per-server identity);
+//! `minimal` is the system above and nothing more.
+//!
 //! mmdebstrap writes the tarball to its standard output, which is
 //! normalised and compressed like any other source (nothing is staged
 //! besides the usual content spool). It runs in root mode as root and in
@@ -21,9 +26,20 @@ use super::tree::LayerSpec;
 use super::unshare;
 use crate::tools::RunTool;
 
+/// What a `debian:` rootfs is made for.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Profile {
+    /// A cloud server: network, SSH, cloud-init, guest agent, growing root.
+    #[default]
+    Cloud,
+    /// Boots to a login prompt on the console; nothing else.
+    Minimal,
+}
+
 /// Options of the `debian:` source.
 #[derive(Debug, Clone)]
 pub struct DebianOptions {
+    pub profile: Profile,
     /// More packages, besides the defaults.
     pub include: Vec<String>,
     /// A Debian mirror URL (default: apt's, deb.debian.org).
@@ -35,6 +51,7 @@ pub struct DebianOptions {
 impl Default for DebianOptions {
     fn default() -> Self {
         DebianOptions {
+            profile: Profile::default(),
             include: Vec::new(),
             mirror: None,
             hostname: "debian".into(),
@@ -42,18 +59,41 @@ impl Default for DebianOptions {
     }
 }
 
-/// The packages every `debian:` rootfs gets for `arch` (a Debian
-/// architecture name).
-pub fn default_packages(arch: &str) -> Result<Vec<String>> {
+/// What the cloud profile installs on top of the minimal system, and why: the list Scaleway
+/// gives for a custom image (DHCP, cloud-init, the QEMU guest agent, UEFI) and what a user
+/// expects of a cloud server.
+pub const CLOUD_PACKAGES: &[(&str, &str)] = &[
+    ("openssh-server", "logins over SSH, by key only; host keys made at first boot"),
+    ("cloud-init", "SSH keys, hostname and user data from the metadata service (Scaleway datasource; NoCloud elsewhere)"),
+    ("isc-dhcp-client", "the DHCP lease cloud-init takes in its local stage to reach the metadata service"),
+    ("iproute2", "ip, which cloud-init runs to configure that lease"),
+    ("systemd-resolved", "DNS from the DHCP lease (systemd-networkd brings the NIC up)"),
+    ("libpam-systemd", "logind sessions for SSH logins"),
+    ("qemu-guest-agent", "the hypervisor's agent (Scaleway reconfigures networking through it)"),
+    ("cloud-guest-utils", "growpart: the root partition and filesystem grow to the volume at first boot"),
+    ("sudo", "administration as the default user"),
+    ("ca-certificates", "HTTPS from the server"),
+];
+
+/// The customize hook of the cloud profile.
+pub const CLOUD_HOOK: &str = include_str!("debian_cloud.sh");
+
+/// The packages every `debian:` rootfs of `profile` gets for `arch` (a Debian architecture
+/// name).
+pub fn default_packages(arch: &str, profile: Profile) -> Result<Vec<String>> {
     let (kernel, grub) = match arch {
         "amd64" => ("linux-image-cloud-amd64", "grub-efi-amd64"),
         "arm64" => ("linux-image-cloud-arm64", "grub-efi-arm64"),
         other => bail!("debian: no default kernel and GRUB packages for the architecture '{other}' (amd64 and arm64 have them)"),
     };
-    Ok([kernel, grub, "systemd-sysv", "udev", "e2fsprogs"]
+    let mut packages: Vec<String> = [kernel, grub, "systemd-sysv", "udev", "e2fsprogs"]
         .into_iter()
         .map(String::from)
-        .collect())
+        .collect();
+    if profile == Profile::Cloud {
+        packages.extend(CLOUD_PACKAGES.iter().map(|(p, _)| p.to_string()));
+    }
+    Ok(packages)
 }
 
 /// The GRUB settings written by the customize hook.
@@ -74,7 +114,7 @@ pub fn command(suite: &str, arch: &str, opts: &DebianOptions) -> Result<Command>
     if !valid_name(&opts.hostname, b"-.") || opts.hostname.len() > 63 {
         bail!("'{}' is not a valid hostname", opts.hostname);
     }
-    let mut packages = default_packages(arch)?;
+    let mut packages = default_packages(arch, opts.profile)?;
     for p in &opts.include {
         let p = p.trim();
         if p.is_empty() {
@@ -100,9 +140,11 @@ pub fn command(suite: &str, arch: &str, opts: &DebianOptions) -> Result<Command>
         .arg(format!("--architectures={arch}"))
         .arg(format!("--include={}", packages.join(",")))
         .arg(format!("--customize-hook={grub_hook}"))
-        .arg(format!("--customize-hook={hostname_hook}"))
-        .arg(suite)
-        .arg("-");
+        .arg(format!("--customize-hook={hostname_hook}"));
+    if opts.profile == Profile::Cloud {
+        cmd.arg(format!("--customize-hook={CLOUD_HOOK}"));
+    }
+    cmd.arg(suite).arg("-");
     if let Some(m) = &opts.mirror {
         cmd.arg(m);
     }
@@ -147,6 +189,7 @@ mod tests {
     #[test]
     fn command_has_the_defaults_and_refuses_odd_names() {
         let opts = DebianOptions {
+            profile: Profile::Minimal,
             include: vec!["openssh-server".into(), "udev".into()],
             ..DebianOptions::default()
         };
@@ -159,6 +202,7 @@ mod tests {
             &"--include=linux-image-cloud-amd64,grub-efi-amd64,systemd-sysv,udev,e2fsprogs,openssh-server".to_string()
         ));
         assert!(args.iter().any(|a| a.contains("console=ttyS0,115200")));
+        assert!(!args.iter().any(|a| a.contains("cloud.cfg.d")), "{args:?}");
         assert_eq!(&args[args.len() - 2..], ["bookworm", "-"]);
         assert!(command("--help", "amd64", &opts).is_err());
         assert!(command("bookworm", "mips", &opts).is_err());
@@ -167,5 +211,42 @@ mod tests {
             ..DebianOptions::default()
         };
         assert!(command("bookworm", "amd64", &bad).is_err());
+    }
+
+    #[test]
+    fn the_cloud_profile_is_the_default_and_adds_its_packages_and_hook() {
+        let cmd = command("bookworm", "arm64", &DebianOptions::default()).unwrap();
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let include = args.iter().find(|a| a.starts_with("--include=")).unwrap();
+        assert!(include.starts_with("--include=linux-image-cloud-arm64,grub-efi-arm64,"));
+        for (package, why) in CLOUD_PACKAGES {
+            assert!(
+                include.split([',', '=']).any(|p| p == *package),
+                "{package}"
+            );
+            assert!(!why.is_empty());
+        }
+        let hook = args
+            .iter()
+            .find(|a| a.contains("90-imgforge.cfg"))
+            .expect("the cloud hook");
+        assert!(hook.starts_with("--customize-hook=# The cloud profile"));
+        assert_eq!(&args[args.len() - 2..], ["bookworm", "-"]);
+    }
+
+    #[test]
+    fn the_cloud_hook_is_valid_shell() {
+        let out = std::process::Command::new("sh")
+            .args(["-n", "-c", CLOUD_HOOK])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

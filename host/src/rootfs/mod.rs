@@ -36,11 +36,12 @@ use std::str::FromStr;
 use anyhow::{bail, Context, Result};
 use tracing::info;
 
-pub use debian::{default_packages, DebianOptions, GRUB_SERIAL_CFG};
+pub use debian::{default_packages, DebianOptions, Profile, CLOUD_PACKAGES, GRUB_SERIAL_CFG};
 pub use dockerfile::{select as select_dockerfile, Selected};
 pub use engine::{Engine, EngineKind};
 pub use oci::normalise_arch;
 pub use output::{Compression, OutputOptions, Report};
+pub use tarstream::{Decoder, TarReader};
 
 /// The source schemes, for messages and help.
 pub const SCHEMES: &str =
@@ -228,6 +229,10 @@ pub struct RootfsArgs {
     /// debian: (amd64, arm64; x86_64 and aarch64 are accepted) [default: amd64]
     #[arg(long)]
     pub arch: Option<String>,
+    /// debian: what the image is for: `cloud` (SSH, cloud-init, DHCP, guest
+    /// agent, growing root) or `minimal` (boots to a console login).
+    #[arg(long, value_enum, default_value = "cloud")]
+    pub profile: Profile,
     /// debian: more packages (comma-separated; repeatable).
     #[arg(long, value_delimiter = ',', value_name = "PKG,...")]
     pub include: Vec<String>,
@@ -256,6 +261,7 @@ pub fn run_rootfs(args: RootfsArgs, json: bool) -> Result<()> {
             threads: args.threads,
         },
         debian: DebianOptions {
+            profile: args.profile,
             include: args.include,
             mirror: args.mirror,
             hostname: args.hostname,

@@ -288,7 +288,6 @@ impl<R: Read> TarReader<R> {
     }
 
     /// A reader over the current entry's content.
-    #[cfg(test)]
     pub fn data(&mut self) -> Data<'_, R> {
         Data { tar: self }
     }
@@ -350,12 +349,11 @@ impl<R: Read + Seek> TarReader<R> {
 }
 
 /// The content of the current entry.
-#[cfg(test)]
+/// The content of a [`TarReader`]'s current entry, as a reader.
 pub struct Data<'a, R> {
     tar: &'a mut TarReader<R>,
 }
 
-#[cfg(test)]
 impl<R: Read> Read for Data<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.tar.read_data(buf)

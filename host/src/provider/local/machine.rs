@@ -46,6 +46,11 @@ impl MachineFiles {
     fn qmp_socket(&self) -> PathBuf {
         self.dir.join("qmp.sock")
     }
+
+    /// The QEMU guest agent's channel of a server booted from a volume.
+    pub fn guest_agent_socket(&self) -> PathBuf {
+        self.dir.join("qga.sock")
+    }
 }
 
 /// The `-name` of a server's QEMU: how its process is recognised (a pid

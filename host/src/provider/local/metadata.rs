@@ -20,11 +20,15 @@ use hyper_util::service::TowerToHyperService;
 
 use super::records::ServerRecord;
 use super::store::{Kind, Store};
-use crate::metadata_server::{self, MetadataStore, ServerMetadata, VolumeMetadata};
+use crate::metadata_server::{self, MetadataStore, ServerMetadata, SshPublicKey, VolumeMetadata};
 use crate::provider::Volume;
+use crate::qemu;
 
 /// The hidden subcommand QEMU runs per metadata connection.
 pub const SUBCOMMAND: &str = "local-metadata";
+
+/// The commercial type local servers report (and, as `SCW-LOCAL`, their SMBIOS product).
+pub const COMMERCIAL_TYPE: &str = "LOCAL";
 
 /// The guest's address (its DHCP lease: the first of `dhcpstart`).
 const GUEST_PRIVATE_IP: &str = "169.254.0.15";
@@ -73,8 +77,29 @@ impl MetadataStore for RecordMetadata {
         meta.tags = record.tags.clone();
         meta.state_detail = record.state_detail.clone();
         meta.arch = record.arch.clone();
-        meta.commercial_type = "LOCAL".into();
+        meta.commercial_type = COMMERCIAL_TYPE.into();
         meta.private_ip = Some(GUEST_PRIVATE_IP.into());
+        // The guest's one address is also its "public" one: what the host
+        // forwards exposed ports to.
+        meta.public_ip = Some(serde_json::json!({
+            "id": record.id,
+            "address": GUEST_PRIVATE_IP,
+            "dynamic": false,
+            "gateway": qemu::USER_NET_HOST_IP.to_string(),
+            "netmask": "16",
+            "family": "inet",
+            "provisioning_mode": "dhcp",
+        }));
+        meta.ssh_public_keys = record
+            .ssh_public_keys
+            .iter()
+            .map(|key| SshPublicKey {
+                key: key.clone(),
+                fingerprint: crate::ssh::parse_public_key(key, "a server's key")
+                    .map(|k| k.fingerprint)
+                    .unwrap_or_default(),
+            })
+            .collect();
         for (slot, id) in record.volumes.iter().enumerate() {
             let volume: Volume = locked.read(Kind::Volume, id)?;
             meta.volumes.insert(

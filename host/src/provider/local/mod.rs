@@ -220,6 +220,10 @@ impl LocalProvider {
                     snapshot: false,
                     extra_disks: disks[1..].to_vec(),
                     net: Some(net),
+                    instance: Some(qemu::InstanceIdentity {
+                        product: format!("SCW-{}", metadata::COMMERCIAL_TYPE),
+                        guest_agent_socket: files.guest_agent_socket(),
+                    }),
                 };
                 if !dir.join("OVMF_VARS.fd").exists() {
                     vm.prepare_vars()?;
@@ -246,7 +250,7 @@ impl LocalProvider {
                 ])?;
                 Ok(*size)
             }
-            VolumeSpec::FromSnapshot { snapshot } => {
+            VolumeSpec::FromSnapshot { snapshot, size } => {
                 let snap: Snapshot = self.store.lock()?.read(Kind::Snapshot, snapshot)?;
                 let source = self.store.data_path(Kind::Snapshot, snapshot);
                 qemu_img([
@@ -256,7 +260,19 @@ impl LocalProvider {
                     source.as_os_str(),
                     path.as_os_str(),
                 ])?;
-                Ok(snap.size)
+                match size {
+                    // The guest grows its partition and filesystem (growpart).
+                    Some(size) if *size > snap.size => {
+                        qemu_img([
+                            OsStr::new("resize"),
+                            OsStr::new("-q"),
+                            path.as_os_str(),
+                            OsStr::new(&size.to_string()),
+                        ])?;
+                        Ok(*size)
+                    }
+                    _ => Ok(snap.size),
+                }
             }
         }
     }
@@ -272,11 +288,25 @@ impl LocalProvider {
         if spec.volumes.is_empty() {
             bail!("a server needs at least one volume");
         }
-        if spec.cloud_init.is_some() {
-            bail!(
-                "the local provider has no stock images or cloud-init: build with the \
-                 image-creation bootscript (--strategy bootscript)"
-            );
+        if spec.cloud_init.is_some() && matches!(boot, Boot::Bootscript(_)) {
+            bail!("cloud-init runs in an image, not in a bootscript's initrd");
+        }
+        for volume in &spec.volumes {
+            if let VolumeSpec::FromSnapshot {
+                snapshot,
+                size: Some(size),
+            } = volume
+            {
+                let snap: Snapshot = self.store.lock()?.read(Kind::Snapshot, snapshot)?;
+                if *size < snap.size {
+                    bail!(
+                        "a volume of {size} bytes cannot hold snapshot {} ({} bytes): give at least {}",
+                        snap.name,
+                        snap.size,
+                        crate::size::format_size(snap.size)
+                    );
+                }
+            }
         }
         let mut ports = std::collections::BTreeSet::new();
         for service in &spec.host_services {
@@ -312,7 +342,12 @@ impl LocalProvider {
             exposed_ports: spec.exposed_ports.clone(),
             host_services: spec.host_services.clone(),
             state_detail: String::new(),
-            user_data: BTreeMap::new(),
+            user_data: spec
+                .cloud_init
+                .iter()
+                .map(|c| ("cloud-init".to_string(), c.clone()))
+                .collect(),
+            ssh_public_keys: spec.ssh_public_keys.clone(),
             runtime: None,
         };
         // The records come first, files after: whatever interrupts the
@@ -799,6 +834,7 @@ mod tests {
             host_services: vec![],
             memory_mib: None,
             cloud_init: None,
+            ssh_public_keys: vec![],
         };
         let err = provider.create_server(&spec).await.unwrap_err();
         assert!(format!("{err:#}").contains("too small"), "{err:#}");

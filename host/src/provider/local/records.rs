@@ -29,6 +29,9 @@ pub struct ServerRecord {
     pub state_detail: String,
     #[serde(default)]
     pub user_data: BTreeMap<String, String>,
+    /// OpenSSH public keys served as `ssh_public_keys`.
+    #[serde(default)]
+    pub ssh_public_keys: Vec<String>,
     /// Set while a QEMU process runs the server.
     #[serde(default)]
     pub runtime: Option<Runtime>,
