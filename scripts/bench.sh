@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks: sizes and boot timings of the image-creation initrd; from-rootfs throughput and peak memory;
-# from-qcow2 throughput against qemu-img convert; local build time of a Debian rootfs against virt-make-fs.
+# from-qcow2 throughput against qemu-img convert; local build time of a Debian rootfs against virt-make-fs;
+# a cloud image's server boot (SSH, cloud-init) and size against the minimal profile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -25,3 +26,5 @@ cargo bench -p tests --bench from_rootfs
 cargo bench -p tests --bench from_qcow2
 # Needs `imgforge build`: with an imgforge that lacks it, this bench says so and exits non-zero.
 cargo bench -p tests --bench local_build
+# Server start to SSH login and to cloud-init done (median of BENCH_RUNS=3), cloud vs minimal image size.
+cargo bench -p tests --bench server_boot

@@ -1,4 +1,4 @@
-//! `imgforge rootfs debian:bookworm` as a non-root user (mmdebstrap's unshare mode), run as a
+//! `imgforge rootfs debian:bookworm --profile minimal` as a non-root user (mmdebstrap's unshare mode), run as a
 //! user this test creates; and the clear errors when one of that mode's prerequisites is
 //! missing (newuidmap hidden from PATH, no /etc/subuid entry). Needs root to make the users,
 //! as CI has; the build downloads about 130 MB from Debian's archive. Root mode (imgforge run
@@ -33,6 +33,8 @@ fn a_non_root_user_builds_debian_bookworm() {
                 OsStr::new("--json"),
                 OsStr::new("rootfs"),
                 OsStr::new("debian:bookworm"),
+                OsStr::new("--profile"),
+                OsStr::new("minimal"),
                 OsStr::new("--hostname"),
                 OsStr::new("imgforge-debian"),
                 OsStr::new("-o"),
@@ -116,6 +118,28 @@ fn a_non_root_user_builds_debian_bookworm() {
         String::from_utf8(o.stdout).unwrap()
     };
     assert_eq!(file("./etc/hostname"), "imgforge-debian\n");
+    // The minimal profile is not a cloud server, and inspect says what it lacks.
+    let inspect = Command::new(imgforge_bin())
+        .args(["--json", "inspect"])
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert!(inspect.status.success(), "{}", text(&inspect));
+    let report: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    let problems = report["server"]["findings"].to_string();
+    for expected in [
+        "no SSH server",
+        "no cloud-init",
+        "no network configuration",
+        "no QEMU guest agent",
+        "no growpart",
+    ] {
+        assert!(problems.contains(expected), "{expected} in {problems}");
+    }
+    assert!(
+        !problems.contains("no kernel") && !problems.contains("defect"),
+        "{problems}"
+    );
     let grub_cfg = file("./etc/default/grub.d/50-imgforge-serial.cfg");
     assert!(
         grub_cfg.contains("GRUB_CMDLINE_LINUX=\"console=tty0 console=ttyS0,115200\"")
