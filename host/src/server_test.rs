@@ -147,7 +147,8 @@ async fn test(
     );
 
     let run = |command: &str| -> Result<(bool, String)> {
-        let out = target.output(&["sh".into(), "-c".into(), command.to_string()])?;
+        // One string: ssh hands the remote command to the login shell, which parses it.
+        let out = target.output(&[command.to_string()])?;
         Ok((
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned()

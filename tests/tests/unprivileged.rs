@@ -149,15 +149,14 @@ fn a_non_root_user_builds_debian_bookworm() {
     );
 }
 
-#[test]
-fn without_newuidmap_the_error_names_it_and_its_package() {
-    let user = TestUser::create("nomap").unwrap();
+/// `imgforge rootfs debian:bookworm` as `user` with `path` as PATH, which must fail: its output,
+/// and where the tarball would have been.
+fn failed_build(user: &TestUser, path: &str) -> (String, std::path::PathBuf) {
     let imgforge = user.install(&imgforge_bin()).unwrap();
-    let farm = path_without(&["newuidmap", "newgidmap"], &["/usr/local/bin", "/usr/bin"]).unwrap();
     let target = user.dir().join("x.tar");
     let out = user
         .run(
-            farm.path().to_str().unwrap(),
+            path,
             &imgforge,
             [
                 OsStr::new("rootfs"),
@@ -169,6 +168,14 @@ fn without_newuidmap_the_error_names_it_and_its_package() {
         .unwrap();
     let text = text(&out);
     assert!(!out.status.success(), "{text}");
+    (text, target)
+}
+
+#[test]
+fn without_newuidmap_the_error_names_it_and_its_package() {
+    let user = TestUser::create("nomap").unwrap();
+    let farm = path_without(&["newuidmap", "newgidmap"], &["/usr/local/bin", "/usr/bin"]).unwrap();
+    let (text, target) = failed_build(&user, farm.path().to_str().unwrap());
     assert!(text.contains("unshare mode"), "{text}");
     assert!(
         text.contains("newuidmap is not installed: apt-get install uidmap"),
@@ -189,22 +196,7 @@ fn without_newuidmap_the_error_names_it_and_its_package() {
 fn without_subordinate_ids_the_error_gives_the_usermod_line() {
     let user = TestUser::create("nosub").unwrap();
     user.remove_subordinate_ids().unwrap();
-    let imgforge = user.install(&imgforge_bin()).unwrap();
-    let target = user.dir().join("x.tar");
-    let out = user
-        .run(
-            USER_PATH,
-            &imgforge,
-            [
-                OsStr::new("rootfs"),
-                OsStr::new("debian:bookworm"),
-                OsStr::new("-o"),
-                target.as_os_str(),
-            ],
-        )
-        .unwrap();
-    let text = text(&out);
-    assert!(!out.status.success(), "{text}");
+    let (text, target) = failed_build(&user, USER_PATH);
     assert!(
         text.contains(&format!(
             "/etc/subuid has no entry for the user {}",
