@@ -6,7 +6,8 @@
 //! --wait` returning. Prints medians, and the two images' sizes (bytes the agent wrote, and the
 //! snapshot's qcow2 file) with their ratio. The baseline of the same run is the minimal image's
 //! size; boot times have no local baseline (a minimal image has no SSH), so they are absolute
-//! and only comparable between runs on the same machine.
+//! and only comparable between runs on the same machine. Runs the release imgforge: `cargo build
+//! --release -p host` first (scripts/bench.sh does).
 
 use std::time::Instant;
 
