@@ -259,37 +259,6 @@ fn read_user_data(path: &std::path::Path) -> Result<String> {
     })
 }
 
-/// How to reach `server`'s sshd: it must be running with port 22 exposed.
-pub fn ssh_target(
-    server: &crate::provider::Server,
-    identity: Option<PathBuf>,
-    user: &str,
-) -> Result<crate::ssh::Target> {
-    if server.state != crate::provider::ServerState::Running {
-        anyhow::bail!(
-            "server {} is {}: start it first (imgforge server start {})",
-            server.name,
-            server.state,
-            server.name
-        );
-    }
-    let Some(address) = server.endpoints.get(&22) else {
-        anyhow::bail!(
-            "server {} does not expose port 22: create it with --expose 22",
-            server.name
-        );
-    };
-    let state = crate::ssh::state_dir()?;
-    std::fs::create_dir_all(&state).with_context(|| format!("create {}", state.display()))?;
-    Ok(crate::ssh::Target {
-        server: server.id.clone(),
-        address: *address,
-        user: user.to_string(),
-        identity: identity.or_else(|| crate::ssh::remembered_identity(&server.id)),
-        known_hosts: state.join(format!("{}.known_hosts", server.id)),
-    })
-}
-
 fn server_line(s: &crate::provider::Server) -> String {
     format!("{}  {:<20} {:<9} {}", s.id, s.name, s.state, s.state_detail)
 }
@@ -387,7 +356,7 @@ pub fn run_server(command: ServerCommand, provider: &ProviderArgs, json: bool) -
                 command,
             } => {
                 let server = find_server(p.as_ref(), &server).await?;
-                let target = ssh_target(&server, identity, &user)?;
+                let target = crate::ssh::Target::for_server(&server, identity, &user)?;
                 let status = target.command(&command, true).status().running("ssh")?;
                 // ssh's own exit code (the remote command's, or 255) is ours.
                 std::process::exit(status.code().unwrap_or(255));

@@ -114,7 +114,7 @@ async fn test(
     );
     let started = Instant::now();
     let server = provider.start_server(&server.id).await?;
-    let mut target = crate::resources::ssh_target(&server, Some(identity.clone()), "root")?;
+    let mut target = crate::ssh::Target::for_server(&server, Some(identity.clone()), "root")?;
     target.known_hosts = keys.path().join("known_hosts");
 
     // SSH: until a login works, the server stops, or the time is up.

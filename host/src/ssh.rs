@@ -149,6 +149,37 @@ pub struct Target {
 }
 
 impl Target {
+    /// How to reach `server`'s sshd: it must be running with port 22 exposed.
+    pub fn for_server(
+        server: &crate::provider::Server,
+        identity: Option<PathBuf>,
+        user: &str,
+    ) -> Result<Target> {
+        if server.state != crate::provider::ServerState::Running {
+            bail!(
+                "server {} is {}: start it first (imgforge server start {})",
+                server.name,
+                server.state,
+                server.name
+            );
+        }
+        let Some(address) = server.endpoints.get(&22) else {
+            bail!(
+                "server {} does not expose port 22: create it with --expose 22",
+                server.name
+            );
+        };
+        let state = state_dir()?;
+        std::fs::create_dir_all(&state).with_context(|| format!("create {}", state.display()))?;
+        Ok(Target {
+            server: server.id.clone(),
+            address: *address,
+            user: user.to_string(),
+            identity: identity.or_else(|| remembered_identity(&server.id)),
+            known_hosts: state.join(format!("{}.known_hosts", server.id)),
+        })
+    }
+
     /// The `ssh` command for `remote_command` (an interactive shell when empty), batch mode
     /// (no password prompt: keys only) unless `interactive`.
     pub fn command(&self, remote_command: &[String], interactive: bool) -> Command {
