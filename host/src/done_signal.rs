@@ -1,5 +1,5 @@
 //! The host side of the done signal: poll the agent's port until it answers
-//! with its JSON line.
+//! with its JSON line (the contract's [`DoneLine`]).
 //!
 //! A successful TCP connect proves nothing here: behind QEMU's user
 //! networking the forward accepts while the guest is still booting (then
@@ -10,33 +10,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use contract::DoneLine;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tracing::debug;
-
-/// The agent's line (the agent's `signal` module writes it).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DoneLine {
-    pub status: String,
-    pub message: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stage: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub duration_s: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bytes: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub layout: Option<Vec<serde_json::Value>>,
-}
-
-impl DoneLine {
-    pub fn is_success(&self) -> bool {
-        self.status == "0"
-    }
-}
 
 /// Tries once: connect, read one line within `read_timeout`, parse it.
 pub async fn probe(addr: SocketAddr, read_timeout: Duration) -> Result<DoneLine> {
@@ -68,8 +45,7 @@ pub async fn probe(addr: SocketAddr, read_timeout: Duration) -> Result<DoneLine>
     if line.is_empty() {
         bail!("connection closed without a line (nothing listens yet)");
     }
-    serde_json::from_slice(line)
-        .with_context(|| format!("not a done line: {:?}", String::from_utf8_lossy(line)))
+    Ok(DoneLine::parse(line)?)
 }
 
 /// Polls `addr` until a done line arrives or `timeout` passes. `still_alive`
@@ -127,7 +103,7 @@ mod tests {
             .await
             .unwrap();
         assert!(!line.is_success());
-        assert_eq!(line.stage.as_deref(), Some("fetch"));
+        assert_eq!(line.stage, Some(contract::Stage::Fetch));
     }
 
     #[tokio::test]

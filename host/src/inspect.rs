@@ -340,20 +340,24 @@ fn raw_name_for(path: &Path) -> PathBuf {
 /// `head`, if any.
 fn container_format(head: &[u8]) -> Option<&'static str> {
     const MAGICS: &[(usize, &[u8], &str)] = &[
-        (0, b"QFI\xfb", "qcow2"),
+        (0, &qcow2::MAGIC, "qcow2"),
         (0, b"KDMV", "VMDK"),
         (0, b"# Disk DescriptorFile", "VMDK (descriptor)"),
         (0, b"vhdxfile", "VHDX"),
         (0, b"conectix", "VHD"),
         (0x40, b"\x7f\x10\xda\xbe", "VirtualBox VDI"),
-        (0, b"\x1f\x8b", "gzip-compressed"),
-        (0, b"\xfd7zXZ\x00", "xz-compressed"),
-        (0, b"\x28\xb5\x2f\xfd", "zstd-compressed"),
     ];
-    MAGICS
+    let image = MAGICS
         .iter()
         .find(|(offset, magic, _)| head.get(*offset..offset + magic.len()) == Some(*magic))
-        .map(|(_, _, name)| *name)
+        .map(|(_, _, name)| *name);
+    image.or(match formats::Compression::sniff(head) {
+        formats::Compression::Gzip => Some("gzip-compressed"),
+        formats::Compression::Zstd => Some("zstd-compressed"),
+        formats::Compression::Xz => Some("xz-compressed"),
+        formats::Compression::Bzip2 => Some("bzip2-compressed"),
+        formats::Compression::None => None,
+    })
 }
 
 /// The logical sector size whose LBA 1 holds a GPT header signature.

@@ -8,34 +8,18 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use tracing::{error, info};
 
+use contract::params::{
+    BUILD_METHOD, INITRD_DONE_PORT, INITRD_PRE_SHELL, METADATA_IP, NO_METADATA, NO_SIGNAL_STATE,
+    POST_BUILD_SHELL, SIGNAL_BUILD_DONE_PORT, SIGNAL_FAILURE,
+};
+use contract::{DoneLine, Method, Stage, StateDetail};
+
 use crate::metadata::{self, MetadataClient};
-use crate::methods::{self, BuildContext, MethodName};
+use crate::methods::{self, BuildContext};
 use crate::net::{self, IpConfig};
 use crate::params::{Cmdline, Params};
-use crate::signal::{self, DoneLine};
-
-/// An error with the stage it happened in.
-#[derive(Debug)]
-pub struct StageError {
-    pub stage: &'static str,
-    pub error: anyhow::Error,
-}
-
-pub trait StageContext<T> {
-    fn stage(self, stage: &'static str) -> Result<T, StageError>;
-}
-
-impl<T> StageContext<T> for Result<T> {
-    fn stage(self, stage: &'static str) -> Result<T, StageError> {
-        self.map_err(|error| StageError { stage, error })
-    }
-}
-
-impl StageError {
-    pub fn to_done_line(&self) -> DoneLine {
-        DoneLine::failure(self.stage, format!("{:#}", self.error))
-    }
-}
+use crate::signal;
+use crate::stage::{StageContext, StageError};
 
 /// The worker's whole life in the initrd. Never returns while the done
 /// signal is being served; returns an exit code only on a fatal setup error.
@@ -55,25 +39,41 @@ pub fn run_initrd(cmdline: Cmdline) -> i32 {
 }
 
 async fn initrd_main(cmdline: Cmdline) -> i32 {
-    let mut metadata = if cmdline.flag("NO_METADATA") {
+    let mut metadata = if cmdline.flag(NO_METADATA) {
         info!("NO_METADATA is set: parameters come from the kernel command line alone");
         None
     } else {
-        let ip = cmdline.get("METADATA_IP").unwrap_or(metadata::DEFAULT_IP);
-        match MetadataClient::new(ip, !cmdline.flag("NO_SIGNAL_STATE")) {
+        let ip = cmdline.get(METADATA_IP).unwrap_or(metadata::DEFAULT_IP);
+        match MetadataClient::new(ip, !cmdline.flag(NO_SIGNAL_STATE)) {
             Ok(c) => Some(c),
-            Err(e) => return finish(Err(e).stage("metadata"), None, &cmdline, None).await,
+            Err(e) => return finish(Err(e).stage(Stage::Metadata), None, &cmdline, None).await,
         }
     };
 
     let ip_config = match IpConfig::parse(cmdline.get("ip")) {
         Ok(c) => c,
-        Err(e) => return finish(Err(e).stage("network"), None, &cmdline, metadata.as_ref()).await,
+        Err(e) => {
+            return finish(
+                Err(e).stage(Stage::Network),
+                None,
+                &cmdline,
+                metadata.as_ref(),
+            )
+            .await
+        }
     };
     let interfaces = tokio::task::spawn_blocking(move || net::configure(&ip_config)).await;
     let interfaces = match interfaces.context("network setup panicked").and_then(|r| r) {
         Ok(i) => i,
-        Err(e) => return finish(Err(e).stage("network"), None, &cmdline, metadata.as_ref()).await,
+        Err(e) => {
+            return finish(
+                Err(e).stage(Stage::Network),
+                None,
+                &cmdline,
+                metadata.as_ref(),
+            )
+            .await
+        }
     };
     for i in &interfaces {
         info!(
@@ -85,7 +85,7 @@ async fn initrd_main(cmdline: Cmdline) -> i32 {
     let tags = match &metadata {
         None => None,
         Some(md) => {
-            md.report_state("kernel-started").await;
+            md.report_state(&StateDetail::KernelStarted).await;
             match md.conf().await {
                 Ok(conf) => {
                     info!(
@@ -94,7 +94,7 @@ async fn initrd_main(cmdline: Cmdline) -> i32 {
                         conf.name,
                         conf.tags.len()
                     );
-                    md.report_state("booted").await;
+                    md.report_state(&StateDetail::Booted).await;
                     Some(conf.tags)
                 }
                 Err(e) => {
@@ -103,8 +103,13 @@ async fn initrd_main(cmdline: Cmdline) -> i32 {
                     } else {
                         e
                     };
-                    return finish(Err(e).stage("metadata"), None, &cmdline, metadata.as_ref())
-                        .await;
+                    return finish(
+                        Err(e).stage(Stage::Metadata),
+                        None,
+                        &cmdline,
+                        metadata.as_ref(),
+                    )
+                    .await;
                 }
             }
         }
@@ -113,10 +118,10 @@ async fn initrd_main(cmdline: Cmdline) -> i32 {
     let params = Params::resolve(tags.as_deref(), &cmdline);
     info!("parameters resolved: {}", params.describe().join(" "));
     if let Some(md) = metadata.as_mut() {
-        md.set_report_state(!params.flag("NO_SIGNAL_STATE"));
+        md.set_report_state(!params.flag(NO_SIGNAL_STATE));
     }
-    if params.flag("INITRD_PRE_SHELL") {
-        tokio::task::spawn_blocking(|| crate::pid1::debug_shell("INITRD_PRE_SHELL"))
+    if params.flag(INITRD_PRE_SHELL) {
+        tokio::task::spawn_blocking(|| crate::pid1::debug_shell(INITRD_PRE_SHELL))
             .await
             .ok();
     }
@@ -125,8 +130,8 @@ async fn initrd_main(cmdline: Cmdline) -> i32 {
         std::fs::write(crate::pid1::PORT_FILE, common.signal_port.to_string()).ok();
     }
     let result = build(&params, metadata.as_ref()).await;
-    if params.flag("POST_BUILD_SHELL") {
-        tokio::task::spawn_blocking(|| crate::pid1::debug_shell("POST_BUILD_SHELL"))
+    if params.flag(POST_BUILD_SHELL) {
+        tokio::task::spawn_blocking(|| crate::pid1::debug_shell(POST_BUILD_SHELL))
             .await
             .ok();
     }
@@ -141,11 +146,11 @@ pub async fn build(
     metadata: Option<&MetadataClient>,
 ) -> Result<DoneLine, StageError> {
     let started = Instant::now();
-    let common = params.common().stage("params")?;
-    let method: MethodName = params
-        .required("build_method", "every build")
-        .and_then(str::parse)
-        .stage("params")?;
+    let common = params.common().stage(Stage::Params)?;
+    let method: Method = params
+        .required(BUILD_METHOD, "every build")
+        .and_then(|m| Ok(m.parse()?))
+        .stage(Stage::Params)?;
     info!("build method {method} on {}", common.volume.display());
     let ctx = BuildContext {
         params: params.clone(),
@@ -153,7 +158,7 @@ pub async fn build(
         runtime: tokio::runtime::Handle::current(),
         metadata: metadata.cloned(),
     };
-    ctx.report(method.as_str(), 0);
+    ctx.report(Stage::Params, 0);
     let outcome = match tokio::task::spawn_blocking(move || methods::run(method, &ctx)).await {
         Ok(r) => r?,
         Err(join) if join.is_panic() => {
@@ -166,9 +171,9 @@ pub async fn build(
             return Err(anyhow::anyhow!(
                 "initrd-agent panicked: {what} (a bug; the console log has the details)"
             ))
-            .stage("agent");
+            .stage(Stage::Agent);
         }
-        Err(join) => return Err(anyhow::anyhow!("build task ended: {join}")).stage("agent"),
+        Err(join) => return Err(anyhow::anyhow!("build task ended: {join}")).stage(Stage::Agent),
     };
     info!(
         "build finished in {:.1} s; agent peak memory {} KiB",
@@ -176,7 +181,7 @@ pub async fn build(
         peak_rss_kib().map_or_else(|| "unknown".into(), |k| k.to_string())
     );
     Ok(DoneLine::success(
-        method.as_str(),
+        method,
         started.elapsed().as_secs_f64(),
         outcome.bytes,
         outcome.layout,
@@ -208,9 +213,9 @@ async fn finish(
     };
     if let Some(md) = metadata {
         let state = if line.is_success() {
-            "done".to_string()
+            StateDetail::Done
         } else {
-            format!("failed: {}", line.message)
+            StateDetail::Failed(line.message.clone())
         };
         md.report_state(&state).await;
     }
@@ -225,10 +230,10 @@ async fn finish(
         }
     };
     let port = params
-        .get("signal_build_done_port")
+        .get(SIGNAL_BUILD_DONE_PORT)
         .and_then(|p| crate::params::parse_port(p).ok())
-        .unwrap_or(22);
-    if !line.is_success() && !params.flag("signal_failure") {
+        .unwrap_or(INITRD_DONE_PORT);
+    if !line.is_success() && !params.flag(SIGNAL_FAILURE) {
         info!("signal_failure=0: not opening the done port for a failed build");
         std::future::pending::<()>().await;
     }

@@ -54,7 +54,6 @@ const DEBUG_EVERY: u64 = 10_000;
 /// Most bytes of extension headers (PAX, GNU long names) kept per entry for
 /// re-reading PAX records; real ones are a few KiB.
 const CAPTURE_LIMIT: usize = 1 << 20;
-const XATTR_PREFIX: &[u8] = b"SCHILY.xattr.";
 /// Entry types this module knows (others are extracted as regular files).
 const KNOWN_TYPES: &[u8] = b"01234567xgLKSDV";
 
@@ -268,10 +267,10 @@ fn stream_error(err: io::Error, stream: &StreamState, last: Option<&str>) -> any
         if stream.pos.get() == 0 && eof {
             return anyhow!("the rootfs tarball is truncated (it is empty)");
         }
-        if !looks_like_tar(&captured) {
+        if !formats::is_ustar(&captured) {
             return anyhow!(
                 "the rootfs is not a tar archive ({})",
-                describe_start(&captured)
+                formats::describe_start(&captured)
             );
         }
     }
@@ -352,24 +351,6 @@ fn is_volume_full(err: &anyhow::Error) -> bool {
     walk(Some(&**err as &(dyn StdError + 'static)))
 }
 
-fn looks_like_tar(start: &[u8]) -> bool {
-    start.get(257..262) == Some(b"ustar")
-}
-
-/// A hint at what the stream is instead of a tar.
-fn describe_start(start: &[u8]) -> String {
-    let kind = match start {
-        [0x1f, 0x8b, ..] => "gzip data",
-        [0x28, 0xb5, 0x2f, 0xfd, ..] => "zstd data",
-        [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => "xz data",
-        [b'B', b'Z', b'h', ..] => "bzip2 data",
-        [b'<', ..] => "HTML or XML",
-        _ => "its first block is not a tar header",
-    };
-    let hex: Vec<String> = start.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    format!("{kind}; it starts with {}", hex.join(" "))
-}
-
 // ---------------------------------------------------------------------------
 // Entry metadata.
 
@@ -413,7 +394,9 @@ fn entry_info<R: Read>(entry: &mut Entry<'_, R>, blocks: Option<&[u8]>) -> Resul
             let raw = blocks
                 .and_then(RawExtensions::parse)
                 .context("its PAX header cannot be parsed")?;
-            let records = parse_pax(raw.pax.context("its PAX header cannot be parsed")?)?;
+            let records =
+                formats::pax::parse_records(raw.pax.context("its PAX header cannot be parsed")?)
+                    .context("its PAX header cannot be parsed")?;
             let find = |key: &[u8]| {
                 records
                     .iter()
@@ -461,7 +444,7 @@ fn entry_info<R: Read>(entry: &mut Entry<'_, R>, blocks: Option<&[u8]>) -> Resul
     let xattrs = records
         .into_iter()
         .filter_map(|(k, v)| {
-            let name = k.strip_prefix(XATTR_PREFIX)?;
+            let name = k.strip_prefix(formats::pax::XATTR_PREFIX)?;
             Some((OsString::from_vec(name.to_vec()), v))
         })
         .collect();
@@ -511,45 +494,10 @@ impl<'a> RawExtensions<'a> {
     }
 }
 
-/// PAX records, `<length> <key>=<value>\n`, walked by their length so that
-/// values may hold any byte.
-fn parse_pax(mut data: &[u8]) -> Result<Records> {
-    let mut records = Vec::new();
-    while !data.is_empty() && data[0] != 0 {
-        let record = (|| {
-            let space = data.iter().position(|&b| b == b' ')?;
-            let len: usize = std::str::from_utf8(&data[..space]).ok()?.parse().ok()?;
-            let record = data.get(space + 1..len.checked_sub(1)?)?;
-            (data[len - 1] == b'\n').then_some(())?;
-            let eq = record.iter().position(|&b| b == b'=')?;
-            Some((len, record[..eq].to_vec(), record[eq + 1..].to_vec()))
-        })();
-        let (len, key, value) = record.context("its PAX header holds a malformed record")?;
-        records.push((key, value));
-        data = &data[len..];
-    }
-    Ok(records)
-}
-
-/// A PAX time, `[-]seconds[.fraction]`.
+/// A PAX time as a timespec (see [`formats::pax::parse_time`]).
 fn parse_pax_time(value: &[u8]) -> Option<TimeSpec> {
-    let s = std::str::from_utf8(value).ok()?;
-    let (negative, s) = match s.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, s),
-    };
-    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    let secs: i64 = int.parse().ok()?;
-    if !frac.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let digits = &frac[..frac.len().min(9)];
-    let nanos: i64 = format!("{digits:0<9}").parse().ok()?;
-    Some(match (negative, nanos) {
-        (false, _) => TimeSpec::new(secs, nanos),
-        (true, 0) => TimeSpec::new(-secs, 0),
-        (true, _) => TimeSpec::new(-secs - 1, 1_000_000_000 - nanos),
-    })
+    let (secs, nanos) = formats::pax::parse_time(value)?;
+    Some(TimeSpec::new(secs, i64::from(nanos)))
 }
 
 // ---------------------------------------------------------------------------
@@ -925,15 +873,9 @@ mod tests {
 
     /// One PAX record, `<length> <key>=<value>\n`.
     fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
-        let body = key.len() + value.len() + 3;
-        let mut len = body + 1;
-        while len != body + len.to_string().len() {
-            len = body + len.to_string().len();
-        }
-        let mut r = format!("{len} {key}=").into_bytes();
-        r.extend_from_slice(value);
-        r.push(b'\n');
-        r
+        let mut out = Vec::new();
+        formats::pax::write_record(&mut out, key.as_bytes(), value);
+        out
     }
 
     struct Tar(Builder<Vec<u8>>);
@@ -1590,17 +1532,7 @@ mod tests {
     }
 
     #[test]
-    fn parses_pax_records_by_length() {
-        let data = [pax_record("a", b"x\ny"), pax_record("path", b"p")].concat();
-        let records = parse_pax(&data).unwrap();
-        assert_eq!(
-            records,
-            vec![
-                (b"a".to_vec(), b"x\ny".to_vec()),
-                (b"path".to_vec(), b"p".to_vec())
-            ]
-        );
-        assert!(parse_pax(b"99 a=b\n").is_err());
+    fn pax_times_keep_nanoseconds() {
         let t = parse_pax_time(b"-1.25").unwrap();
         assert_eq!((t.tv_sec(), t.tv_nsec()), (-2, 750_000_000));
         let t = parse_pax_time(b"1600000000.123456789123").unwrap();

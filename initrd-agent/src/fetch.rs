@@ -12,6 +12,7 @@
 //! byte it got to. The SHA-256 is computed on the fly over the raw bytes
 //! and checked by [`Download::finish`].
 
+pub use formats::Compression;
 use std::fmt;
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -775,40 +776,6 @@ fn error_cause(e: &reqwest::Error) -> String {
     }
 }
 
-/// The compression of a stream, from its magic bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Compression {
-    Gzip,
-    Zstd,
-    Xz,
-    None,
-}
-
-impl fmt::Display for Compression {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Compression::Gzip => "gzip",
-            Compression::Zstd => "zstd",
-            Compression::Xz => "xz",
-            Compression::None => "uncompressed",
-        })
-    }
-}
-
-impl Compression {
-    fn detect(magic: &[u8]) -> Compression {
-        if magic.starts_with(&[0x1f, 0x8b]) {
-            Compression::Gzip
-        } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-            Compression::Zstd
-        } else if magic.starts_with(&[0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]) {
-            Compression::Xz
-        } else {
-            Compression::None
-        }
-    }
-}
-
 /// Wraps `reader` in the decompressor its first bytes call for (gzip,
 /// zstd, xz; anything else passes through for the consumer to judge).
 /// The peeked bytes are chained back in front, so nothing is lost.
@@ -818,7 +785,7 @@ impl Compression {
 /// …"; errors of a [`Download`] underneath pass through unchanged.
 pub fn decompress<'a>(reader: impl Read + 'a) -> anyhow::Result<(Compression, Box<dyn Read + 'a>)> {
     let mut reader = reader;
-    let mut magic = [0u8; 6];
+    let mut magic = [0u8; formats::SNIFF_LEN];
     let mut n = 0;
     while n < magic.len() {
         match reader.read(&mut magic[n..]) {
@@ -828,10 +795,11 @@ pub fn decompress<'a>(reader: impl Read + 'a) -> anyhow::Result<(Compression, Bo
             Err(e) => return Err(e.into()),
         }
     }
-    let compression = Compression::detect(&magic[..n]);
+    let compression = Compression::sniff(&magic[..n]);
     let whole = io::Cursor::new(magic[..n].to_vec()).chain(reader);
     let decoder: Box<dyn Read + 'a> = match compression {
-        Compression::None => return Ok((compression, Box::new(whole))),
+        // bzip2 passes through too: the tar reader names it when it fails.
+        Compression::None | Compression::Bzip2 => return Ok((compression, Box::new(whole))),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(whole)),
         Compression::Zstd => {
             let mut d = zstd::stream::read::Decoder::new(whole)?;

@@ -18,6 +18,7 @@ mod params;
 mod pid1;
 mod read_ahead;
 mod signal;
+mod stage;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -41,6 +42,9 @@ fn tune_allocator() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
 }
 use tracing::{error, info};
+
+use contract::params::{BUILD_METHOD, INITRD_DONE_PORT, METADATA_IP, NO_SIGNAL_STATE, VOLUME};
+use contract::{DoneLine, Stage, StateDetail};
 
 use crate::params::{Cmdline, Params, Source};
 
@@ -137,9 +141,8 @@ fn run_command(
         let mut tags = None;
         let mut client = None;
         if use_metadata {
-            let ip = cmdline.get("METADATA_IP").unwrap_or(metadata::DEFAULT_IP);
-            let fetched = match metadata::MetadataClient::new(ip, !cmdline.flag("NO_SIGNAL_STATE"))
-            {
+            let ip = cmdline.get(METADATA_IP).unwrap_or(metadata::DEFAULT_IP);
+            let fetched = match metadata::MetadataClient::new(ip, !cmdline.flag(NO_SIGNAL_STATE)) {
                 Ok(md) => md.conf().await.map(|conf| (md, conf)),
                 Err(e) => Err(e),
             };
@@ -149,15 +152,15 @@ fn run_command(
                     client = Some(md);
                 }
                 Err(error) => {
-                    let failure = agent::StageError {
-                        stage: "metadata",
+                    let failure = stage::StageError {
+                        stage: Stage::Metadata,
                         error,
                     };
                     // Served on the port the command line gives (no tags).
                     let port = Params::resolve(None, &cmdline)
                         .common()
                         .map(|c| c.signal_port)
-                        .unwrap_or(22);
+                        .unwrap_or(INITRD_DONE_PORT);
                     let listen = serve.map(|address| (address, port));
                     return report(failure.to_done_line(), listen).await;
                 }
@@ -165,10 +168,10 @@ fn run_command(
         }
         let mut params = Params::resolve(tags.as_deref(), &cmdline);
         if let Some(v) = &volume {
-            params.set("volume", v, Source::Cmdline);
+            params.set(VOLUME, v, Source::Cmdline);
         }
         if let Some(m) = &method {
-            params.set("build_method", m, Source::Cmdline);
+            params.set(BUILD_METHOD, m, Source::Cmdline);
         }
         info!("parameters resolved: {}", params.describe().join(" "));
         let line = agent::build(&params, client.as_ref())
@@ -179,14 +182,17 @@ fn run_command(
             });
         if let Some(md) = &client {
             let state = if line.is_success() {
-                "done".into()
+                StateDetail::Done
             } else {
-                format!("failed: {}", line.message)
+                StateDetail::Failed(line.message.clone())
             };
             md.report_state(&state).await;
         }
         let listen = serve.map(|address| {
-            let port = params.common().map(|c| c.signal_port).unwrap_or(22);
+            let port = params
+                .common()
+                .map(|c| c.signal_port)
+                .unwrap_or(INITRD_DONE_PORT);
             (address, port)
         });
         report(line, listen).await
@@ -194,7 +200,7 @@ fn run_command(
 }
 
 /// Prints the done line; with an (address, port), serves it until killed.
-async fn report(line: signal::DoneLine, listen: Option<(Option<std::net::IpAddr>, u16)>) -> i32 {
+async fn report(line: DoneLine, listen: Option<(Option<std::net::IpAddr>, u16)>) -> i32 {
     print!("{}", line.to_line());
     let code = if line.is_success() { 0 } else { 1 };
     if let Some((address, port)) = listen {

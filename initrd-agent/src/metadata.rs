@@ -6,10 +6,11 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use contract::StateDetail;
 use serde::Deserialize;
 use tracing::{debug, warn};
 
-pub const DEFAULT_IP: &str = "169.254.42.42";
+pub const DEFAULT_IP: &str = contract::params::METADATA_ADDRESS;
 
 /// The parts of `/conf?format=json` the agent uses.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -94,12 +95,12 @@ impl MetadataClient {
 
     /// PATCH /state {"state_detail": detail}. Best effort: logged, not
     /// returned, because a build must not fail over a progress report.
-    pub async fn report_state(&self, detail: &str) {
+    pub async fn report_state(&self, detail: &StateDetail) {
         if !self.report_state {
             return;
         }
         let url = format!("{}/state", self.base);
-        let body = serde_json::json!({ "state_detail": detail });
+        let body = serde_json::json!({ "state_detail": detail.to_string() });
         for attempt in 1..=3u32 {
             match self.http.patch(&url).json(&body).send().await {
                 Ok(r) if r.status().is_success() => return,

@@ -2,7 +2,9 @@
 //! a server tag `KEY=value` from the metadata server wins over the kernel
 //! command line `KEY=value`, which wins over the built-in default.
 //!
-//! The metadata server cannot be asked for `NO_METADATA` and `METADATA_IP`
+//! The keys, their defaults and what they do are the contract's
+//! ([`contract::params`]), shared with the host that sets them. The
+//! metadata server cannot be asked for `NO_METADATA` and `METADATA_IP`
 //! (they decide whether and where to ask it), so those two come from the
 //! command line alone.
 
@@ -11,6 +13,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use contract::params::{self as keys, EFI_SIZE, SIGNAL_BUILD_DONE_PORT, SIGNAL_FAILURE, VOLUME};
 
 /// Where a parameter's value came from, for the log and for error messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,25 +32,6 @@ impl fmt::Display for Source {
         })
     }
 }
-
-/// Keys the agent knows, with their defaults (`None`: no default).
-pub const KNOWN_KEYS: &[(&str, Option<&str>)] = &[
-    ("build_method", None),
-    ("rootfs_url", None),
-    ("rootfs_sha256", None),
-    ("disk_img_url", None),
-    ("disk_img_sha256", None),
-    ("volume", Some("/dev/vda")),
-    ("efi_size", Some("100M")),
-    ("signal_build_done_port", Some("22")),
-    ("signal_failure", Some("1")),
-    ("grow_fs", Some("0")),
-    ("INITRD_VERBOSE", Some("0")),
-    ("INITRD_DEBUG", Some("0")),
-    ("INITRD_PRE_SHELL", Some("0")),
-    ("POST_BUILD_SHELL", Some("0")),
-    ("NO_SIGNAL_STATE", Some("0")),
-];
 
 /// The kernel command line split into `KEY=value` pairs. Bare words (`quiet`)
 /// map to an empty value. As in the kernel, a later occurrence wins, and a
@@ -139,9 +123,9 @@ impl Params {
     /// (plain labels) are ignored; the first tag for a key wins.
     pub fn resolve(tags: Option<&[String]>, cmdline: &Cmdline) -> Self {
         let mut values = BTreeMap::new();
-        for (key, default) in KNOWN_KEYS {
-            if let Some(d) = default {
-                values.insert(key.to_string(), (d.to_string(), Source::Default));
+        for param in keys::ALL {
+            if let Some(d) = param.default {
+                values.insert(param.key.to_string(), (d.to_string(), Source::Default));
             }
         }
         for (key, value) in &cmdline.pairs {
@@ -191,26 +175,34 @@ impl Params {
     /// Only known keys are listed so that unrelated kernel arguments and
     /// server tags do not flood the console.
     pub fn describe(&self) -> Vec<String> {
-        KNOWN_KEYS
+        keys::ALL
             .iter()
-            .filter_map(|(key, _)| {
+            .filter_map(|p| {
+                let key = p.key;
                 Some(format!("{key}={} ({})", self.get(key)?, self.source(key)?))
             })
             .collect()
     }
 
+    /// `key`'s value, else its default (empty when it has none).
+    fn value_or_default(&self, key: &str) -> &str {
+        self.get(key)
+            .or_else(|| keys::default_of(key))
+            .unwrap_or_default()
+    }
+
     /// The parameters every build needs, parsed and checked.
     pub fn common(&self) -> Result<CommonParams> {
-        let port_text = self.get("signal_build_done_port").unwrap_or("22");
+        let port_text = self.value_or_default(SIGNAL_BUILD_DONE_PORT);
         let signal_port = parse_port(port_text)?;
-        let efi_text = self.get("efi_size").unwrap_or("100M");
+        let efi_text = self.value_or_default(EFI_SIZE);
         let efi_size = parse_size(efi_text)
             .with_context(|| format!("efi_size='{efi_text}' is not a size; use e.g. 100M"))?;
         Ok(CommonParams {
-            volume: PathBuf::from(self.get("volume").unwrap_or("/dev/vda")),
+            volume: PathBuf::from(self.value_or_default(VOLUME)),
             efi_size,
             signal_port,
-            signal_failure: self.flag("signal_failure"),
+            signal_failure: self.flag(SIGNAL_FAILURE),
         })
     }
 }

@@ -24,7 +24,8 @@ use nix::unistd::{fork, ForkResult, Pid};
 use tracing::{error, info, warn};
 
 use crate::params::{parse_port, Cmdline};
-use crate::signal::DoneLine;
+use contract::params::{INITRD_DONE_PORT, SIGNAL_BUILD_DONE_PORT};
+use contract::{DoneLine, Stage};
 
 /// Where the initrd builder puts the modules and their load order.
 const MODULES_DIR: &str = "/lib/modules";
@@ -187,12 +188,12 @@ fn worker_died(cmdline: &Cmdline, how: String) {
         .and_then(|p| parse_port(&p).ok())
         .or_else(|| {
             cmdline
-                .get("signal_build_done_port")
+                .get(SIGNAL_BUILD_DONE_PORT)
                 .and_then(|p| parse_port(p).ok())
         })
-        .unwrap_or(22);
+        .unwrap_or(INITRD_DONE_PORT);
     let line = DoneLine::failure(
-        "agent",
+        Stage::Agent,
         format!("initrd-agent crashed: the worker process {how}; the console log has the details"),
     );
     std::thread::spawn(move || serve_blocking(port, &line));

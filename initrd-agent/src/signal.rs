@@ -1,89 +1,14 @@
-//! The done signal: once the build has ended the agent answers every TCP
-//! connection on `signal_build_done_port` with one JSON line and closes it.
-//!
-//! `status` and `message` are the original initrd's fields (legacy pollers
-//! only look at those); the rest are additions. A host must read and check
-//! the line: behind QEMU's user networking a connect to a forwarded port
-//! succeeds even when nothing listens.
+//! Serving the done signal: once the build has ended the agent answers
+//! every TCP connection on `signal_build_done_port` with one JSON line (the
+//! contract's [`DoneLine`]) and closes it.
 
 use std::net::{Ipv6Addr, SocketAddr};
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
+use contract::DoneLine;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
-
-/// One partition or filesystem of the finished volume, for the done line.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LayoutEntry {
-    pub device: String,
-    pub role: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub number: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub partuuid: Option<String>,
-    pub start_bytes: u64,
-    pub size_bytes: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fs: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub uuid: Option<String>,
-}
-
-/// The line the agent answers with.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DoneLine {
-    pub status: String,
-    pub message: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub stage: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub duration_s: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub layout: Option<Vec<LayoutEntry>>,
-}
-
-impl DoneLine {
-    pub fn success(method: &str, duration_s: f64, bytes: u64, layout: Vec<LayoutEntry>) -> Self {
-        DoneLine {
-            status: "0".into(),
-            message: "done".into(),
-            method: Some(method.into()),
-            stage: None,
-            duration_s: Some((duration_s * 10.0).round() / 10.0),
-            bytes: Some(bytes),
-            layout: Some(layout),
-        }
-    }
-
-    pub fn failure(stage: &str, message: String) -> Self {
-        DoneLine {
-            status: "1".into(),
-            message,
-            method: None,
-            stage: Some(stage.into()),
-            duration_s: None,
-            bytes: None,
-            layout: None,
-        }
-    }
-
-    pub fn is_success(&self) -> bool {
-        self.status == "0"
-    }
-
-    /// The wire form: one JSON object and a newline.
-    pub fn to_line(&self) -> String {
-        let mut line = serde_json::to_string(self).expect("DoneLine always serialises");
-        line.push('\n');
-        line
-    }
-}
 
 /// Binds the done port on every address (the host reaches it through a
 /// QEMU forward or the server's public IP).
@@ -131,30 +56,11 @@ mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
 
-    #[test]
-    fn lines_keep_the_original_fields() {
-        let ok = DoneLine::success("from-rootfs", 41.23, 390878720, vec![]);
-        let v: serde_json::Value = serde_json::from_str(&ok.to_line()).unwrap();
-        assert_eq!(v["status"], "0");
-        assert_eq!(v["message"], "done");
-        assert_eq!(v["method"], "from-rootfs");
-        assert_eq!(v["duration_s"], 41.2);
-        assert!(v.get("stage").is_none());
-
-        let bad = DoneLine::failure("fetch", "rootfs_url answered 404".into());
-        let line = bad.to_line();
-        assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(v["status"], "1");
-        assert_eq!(v["stage"], "fetch");
-        assert!(v.get("layout").is_none());
-    }
-
     #[tokio::test]
     async fn every_connection_gets_the_line() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let line = DoneLine::failure("params", "no build_method".into());
+        let line = DoneLine::failure(contract::Stage::Params, "no build_method".into());
         let server = tokio::spawn(serve(listener, line.clone()));
         for _ in 0..3 {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use host::done_signal::DoneLine;
+use contract::DoneLine;
 use host::serve::ArtifactServer;
 use tests::{agent_bin, target_dir};
 

@@ -12,7 +12,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use host::done_signal::{self, DoneLine};
+use contract::DoneLine;
+use host::done_signal;
 use host::metadata_server::{MetadataServer, ServerMetadata};
 use host::qemu::{self, Accel, BootscriptVm, GuestForward, PortForward, UserNet, Vm};
 

@@ -27,7 +27,7 @@ async fn tags_override_the_kernel_command_line() {
 
     let line = server.wait_done(BOOT_TIMEOUT).await.unwrap();
     assert_eq!(line.status, "1", "{line:?}");
-    assert_eq!(line.stage.as_deref(), Some("params"));
+    assert_eq!(line.stage, Some(contract::Stage::Params));
     assert!(
         line.message.contains("'bogus'"),
         "the tag must win: {}",
@@ -142,7 +142,7 @@ async fn an_unreachable_metadata_server_fails_with_advice() {
         .inject_too_many_requests(1000);
     let line = server.wait_done(BOOT_TIMEOUT).await.unwrap();
     assert_eq!(line.status, "1");
-    assert_eq!(line.stage.as_deref(), Some("metadata"));
+    assert_eq!(line.stage, Some(contract::Stage::Metadata));
     assert!(line.message.contains("NO_METADATA=1"), "{}", line.message);
     assert!(line.message.contains("429"), "{}", line.message);
 }

@@ -122,7 +122,7 @@ async fn write_image(
     file: &Path,
     extra_tags: &[&str],
     volume_size: u64,
-) -> (tests::Running, host::done_signal::DoneLine) {
+) -> (tests::Running, contract::DoneLine) {
     let name = file.file_name().unwrap().to_string_lossy().into_owned();
     let fixture =
         HttpFixture::start(vec![(format!("/{name}"), file.to_path_buf().into())]).unwrap();
@@ -147,21 +147,15 @@ async fn write_image(
 
 /// The grown GPT: sgdisk finds no problem and partition 1 (root) ends at
 /// the last usable sector of the volume; its ext4 is clean.
-fn assert_grown(server: &tests::Running, line: &host::done_signal::DoneLine) {
+fn assert_grown(server: &tests::Running, line: &contract::DoneLine) {
     let out = judge("sgdisk", &[OsStr::new("-v"), server.disk.as_os_str()]).unwrap();
     assert!(out.contains("No problems found"), "{out}");
     let layout = line.layout.clone().unwrap();
-    let root = layout.iter().find(|e| e["number"] == 1).unwrap();
-    let end = root["start_bytes"].as_u64().unwrap() + root["size_bytes"].as_u64().unwrap();
-    assert_eq!(end, VOLUME_BYTES - GPT_TAIL, "{root}");
+    let root = layout.iter().find(|e| e.number == Some(1)).unwrap();
+    let end = root.start_bytes + root.size_bytes;
+    assert_eq!(end, VOLUME_BYTES - GPT_TAIL, "{root:?}");
     let root_img = server.dir.path().join("root.img");
-    slice_to_file(
-        &server.disk,
-        root["start_bytes"].as_u64().unwrap(),
-        root["size_bytes"].as_u64().unwrap(),
-        &root_img,
-    )
-    .unwrap();
+    slice_to_file(&server.disk, root.start_bytes, root.size_bytes, &root_img).unwrap();
     judge("e2fsck", &[OsStr::new("-fn"), root_img.as_os_str()]).unwrap();
 }
 
@@ -189,7 +183,7 @@ async fn raw_and_zstd_raw_images_are_written_grown_and_boot() {
         )
         .await;
         assert!(line.is_success(), "{}: {line:?}", image.display());
-        assert_eq!(line.method.as_deref(), Some("from-qcow2"));
+        assert_eq!(line.method, Some(contract::Method::FromQcow2));
         assert_grown(&server, &line);
         if check_boot {
             let seen = boot_uefi(&server.disk, MARKER, Duration::from_secs(240)).unwrap();
@@ -292,7 +286,7 @@ async fn a_sparse_qcow2_without_a_partition_table_zeroes_its_holes() {
     assert!(std::fs::metadata(&image).unwrap().len() < 8 << 20);
     let (server, line) = write_image(&image, &[], VOLUME_BYTES).await;
     assert!(line.is_success(), "{line:?}");
-    assert_eq!(line.layout.as_ref().unwrap()[0]["size_bytes"], 192u64 << 20);
+    assert_eq!(line.layout.as_ref().unwrap()[0].size_bytes, 192u64 << 20);
     assert_same_bytes(&server.disk, &raw, 0, 0);
 }
 

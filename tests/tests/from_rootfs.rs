@@ -6,15 +6,17 @@
 use std::ffi::OsStr;
 use std::time::Duration;
 
+use contract::{LayoutEntry, Method};
+
 use tests::http_fixture::HttpFixture;
 use tests::{boot_uefi, busybox_rootfs_tar_gz, guest_url, judge, slice_to_file, BuildServer};
 
 const BUILD_TIMEOUT: Duration = Duration::from_secs(240);
 
-fn layout_entry<'a>(layout: &'a [serde_json::Value], role: &str) -> &'a serde_json::Value {
+fn layout_entry<'a>(layout: &'a [LayoutEntry], role: &str) -> &'a LayoutEntry {
     layout
         .iter()
-        .find(|e| e["role"] == role)
+        .find(|e| e.role == role)
         .unwrap_or_else(|| panic!("no {role} in {layout:?}"))
 }
 
@@ -39,7 +41,7 @@ async fn from_rootfs_builds_a_disk_that_boots_under_uefi() {
     .unwrap();
     let line = server.wait_done(BUILD_TIMEOUT).await.unwrap();
     assert!(line.is_success(), "{line:?}\n{}", server.console());
-    assert_eq!(line.method.as_deref(), Some("from-rootfs"));
+    assert_eq!(line.method, Some(Method::FromRootfs));
     assert_eq!(line.bytes, Some(tarball.len() as u64));
     let layout = line.layout.clone().unwrap();
     server.vm.kill();
@@ -51,25 +53,13 @@ async fn from_rootfs_builds_a_disk_that_boots_under_uefi() {
     assert!(out.contains("No problems found"), "{out}");
     let root = layout_entry(&layout, "root");
     let esp = layout_entry(&layout, "esp");
-    assert_eq!(root["number"], 1);
-    assert_eq!(esp["number"], 15);
+    assert_eq!(root.number, Some(1));
+    assert_eq!(esp.number, Some(15));
     let root_img = server.dir.path().join("root.img");
-    slice_to_file(
-        &disk,
-        root["start_bytes"].as_u64().unwrap(),
-        root["size_bytes"].as_u64().unwrap(),
-        &root_img,
-    )
-    .unwrap();
+    slice_to_file(&disk, root.start_bytes, root.size_bytes, &root_img).unwrap();
     judge("e2fsck", &[OsStr::new("-fn"), root_img.as_os_str()]).unwrap();
     let esp_img = server.dir.path().join("esp.img");
-    slice_to_file(
-        &disk,
-        esp["start_bytes"].as_u64().unwrap(),
-        esp["size_bytes"].as_u64().unwrap(),
-        &esp_img,
-    )
-    .unwrap();
+    slice_to_file(&disk, esp.start_bytes, esp.size_bytes, &esp_img).unwrap();
     judge("fsck.fat", &[OsStr::new("-n"), esp_img.as_os_str()]).unwrap();
 
     // fstab names the partitions by PARTUUID (read back with debugfs).
@@ -83,7 +73,7 @@ async fn from_rootfs_builds_a_disk_that_boots_under_uefi() {
     )
     .unwrap();
     assert!(
-        fstab.contains(&format!("PARTUUID={}", root["partuuid"].as_str().unwrap())),
+        fstab.contains(&format!("PARTUUID={}", root.partuuid.as_deref().unwrap())),
         "{fstab}"
     );
 

@@ -348,6 +348,14 @@ impl Provider for ScalewayProvider {
         "scaleway"
     }
 
+    fn capabilities(&self) -> super::Capabilities {
+        super::Capabilities {
+            local_bootscripts: false,
+            helper_servers: true,
+            forwards_to_host: false,
+        }
+    }
+
     async fn create_server(&self, spec: &ServerSpec) -> Result<Server> {
         if spec.name.trim().is_empty() {
             bail!("a server needs a name");

@@ -27,8 +27,9 @@ use sha2::{Digest, Sha256};
 use tracing::info;
 
 use super::oci::{check_config_arch, sha256_hex, ImageConfig};
-use super::tarstream::{Decoder, EntryKind, InputCompression, TarReader};
+use super::tarstream::{sniff_compression, Decoder, EntryKind, TarReader};
 use super::tree::{LayerSpec, Opener};
+use formats::Compression;
 
 const JSON_LIMIT: u64 = 16 << 20;
 
@@ -78,13 +79,13 @@ impl Archive {
         }
         let mut file =
             File::open(path).with_context(|| format!("cannot open '{}'", path.display()))?;
-        let mut magic = [0u8; 6];
+        let mut magic = [0u8; formats::SNIFF_LEN];
         let n = file.read(&mut magic)?;
         file.seek(SeekFrom::Start(0))?;
-        let file = match InputCompression::sniff(&magic[..n])? {
-            InputCompression::Plain => file,
+        let file = match sniff_compression(&magic[..n])? {
+            Compression::None => file,
             c => {
-                info!("decompressing the {c:?} archive into a temporary file");
+                info!("decompressing the {c} archive into a temporary file");
                 let mut temp = tempfile::tempfile_in(temp_dir).with_context(|| {
                     format!("cannot create a temporary file in '{}'", temp_dir.display())
                 })?;

@@ -16,6 +16,7 @@
 //!   are length-prefixed), long names as ustar prefix/name or pax `path`;
 //! - mtimes are whole seconds.
 
+use formats::pax::write_record;
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -256,13 +257,13 @@ impl<W: Write> TarWriter<W> {
                 h[..rest.len()].copy_from_slice(rest);
             }
             None => {
-                pax_record(&mut pax, b"path", name);
+                write_record(&mut pax, b"path", name);
                 let cut = name.len().min(100);
                 h[..cut].copy_from_slice(&name[..cut]);
             }
         }
         if link.len() > 100 {
-            pax_record(&mut pax, b"linkpath", link);
+            write_record(&mut pax, b"linkpath", link);
             h[157..257].copy_from_slice(&link[..100]);
         } else {
             h[157..157 + link.len()].copy_from_slice(link);
@@ -275,20 +276,20 @@ impl<W: Write> TarWriter<W> {
             if u64::from(value) <= 0o7777777 {
                 octal(&mut h[field], u64::from(value));
             } else {
-                pax_record(&mut pax, key, value.to_string().as_bytes());
+                write_record(&mut pax, key, value.to_string().as_bytes());
                 octal(&mut h[field], 0);
             }
         }
         if size <= 0o77777777777 {
             octal(&mut h[124..136], size);
         } else {
-            pax_record(&mut pax, b"size", size.to_string().as_bytes());
+            write_record(&mut pax, b"size", size.to_string().as_bytes());
             octal(&mut h[124..136], 0);
         }
         if (0..=0o77777777777).contains(&meta.mtime) {
             octal(&mut h[136..148], meta.mtime as u64);
         } else {
-            pax_record(&mut pax, b"mtime", meta.mtime.to_string().as_bytes());
+            write_record(&mut pax, b"mtime", meta.mtime.to_string().as_bytes());
             octal(&mut h[136..148], 0);
         }
         h[156] = flag;
@@ -307,7 +308,7 @@ impl<W: Write> TarWriter<W> {
         for (key, value) in &meta.xattrs {
             let mut k = b"SCHILY.xattr.".to_vec();
             k.extend_from_slice(key);
-            pax_record(&mut pax, &k, value);
+            write_record(&mut pax, &k, value);
         }
 
         if !pax.is_empty() {
@@ -390,21 +391,6 @@ fn checksum(h: &mut [u8; BLOCK]) {
     let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
     let s = format!("{sum:06o}\0 ");
     h[148..156].copy_from_slice(s.as_bytes());
-}
-
-/// Appends a pax record: `LEN KEY=VALUE\n`, LEN counting itself.
-pub(crate) fn pax_record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
-    let body = key.len() + value.len() + 3; // ' ', '=', '\n'
-    let mut len = body + 1;
-    while len != body + len.to_string().len() {
-        len = body + len.to_string().len();
-    }
-    out.extend_from_slice(len.to_string().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(key);
-    out.push(b'=');
-    out.extend_from_slice(value);
-    out.push(b'\n');
 }
 
 // ---------------------------------------------------------------------------
@@ -630,17 +616,6 @@ fn register_partial(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pax_record_lengths_count_themselves() {
-        for vlen in [0usize, 1, 5, 89, 90, 91, 95, 96, 990, 995, 996, 9990] {
-            let mut out = Vec::new();
-            pax_record(&mut out, b"path", &vec![b'a'; vlen]);
-            let space = out.iter().position(|&b| b == b' ').unwrap();
-            let len: usize = std::str::from_utf8(&out[..space]).unwrap().parse().unwrap();
-            assert_eq!(len, out.len(), "value length {vlen}");
-        }
-    }
 
     #[test]
     fn long_names_split_into_prefix_and_name() {

@@ -12,6 +12,7 @@
 use std::io::{self, BufRead, Read, Seek, SeekFrom};
 
 use anyhow::{anyhow, bail, Context, Result};
+use formats::{Compression, SNIFF_LEN};
 
 use super::output::Meta;
 
@@ -103,7 +104,7 @@ impl<R: Read> TarReader<R> {
             }
             if !checksum_ok(&h) {
                 if at == 0 {
-                    bail!("it is not a tar archive ({})", describe_start(&h));
+                    bail!("it is not a tar archive ({})", formats::describe_start(&h));
                 }
                 bail!("it is corrupt: the tar header at byte {at} has a bad checksum");
             }
@@ -121,9 +122,11 @@ impl<R: Read> TarReader<R> {
                     }
                     self.discard(pad_of(size))?;
                     match flag {
-                        b'x' => pax.extend(parse_pax(&data).with_context(|| {
-                            format!("the pax header at byte {at} is malformed")
-                        })?),
+                        b'x' => {
+                            pax.extend(formats::pax::parse_records(&data).with_context(|| {
+                                format!("the pax header at byte {at} is malformed")
+                            })?)
+                        }
                         // Global pax headers (rare in root filesystems) are
                         // not applied.
                         b'g' => {}
@@ -191,7 +194,12 @@ impl<R: Read> TarReader<R> {
             let mode = number(&h[100..108]).context("bad mode field")? as u32 & 0o7777;
             let xattrs = pax
                 .iter()
-                .filter_map(|(k, v)| Some((k.strip_prefix(b"SCHILY.xattr.")?.to_vec(), v.clone())))
+                .filter_map(|(k, v)| {
+                    Some((
+                        k.strip_prefix(formats::pax::XATTR_PREFIX)?.to_vec(),
+                        v.clone(),
+                    ))
+                })
                 .collect();
             let name = || String::from_utf8_lossy(&path).into_owned();
             let dev = || -> Result<(u32, u32)> {
@@ -437,85 +445,21 @@ fn number_signed(field: &[u8]) -> Result<i64> {
     i64::try_from(v).map_err(|_| anyhow!("number out of range"))
 }
 
-/// Pax records `LEN KEY=VALUE\n`, walked by their length so that values may
-/// hold any byte.
-pub(crate) fn parse_pax(mut data: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let mut records = Vec::new();
-    while !data.is_empty() && data[0] != 0 {
-        let record = (|| {
-            let space = data.iter().position(|&b| b == b' ')?;
-            let len: usize = std::str::from_utf8(&data[..space]).ok()?.parse().ok()?;
-            if len <= space + 1 || len > data.len() || data[len - 1] != b'\n' {
-                return None;
-            }
-            let record = &data[space + 1..len - 1];
-            let eq = record.iter().position(|&b| b == b'=')?;
-            Some((len, record[..eq].to_vec(), record[eq + 1..].to_vec()))
-        })();
-        let (len, key, value) = record.context("a pax record is malformed")?;
-        records.push((key, value));
-        data = &data[len..];
-    }
-    Ok(records)
-}
-
-/// A pax time `[-]SECONDS[.FRACTION]`, to whole seconds (rounded down).
+/// A pax time, to whole seconds (rounded down, as a tar mtime field holds).
 fn parse_pax_time(value: &[u8]) -> Option<i64> {
-    let s = std::str::from_utf8(value).ok()?;
-    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    let secs: i64 = int.parse().ok()?;
-    if !frac.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let has_fraction = frac.bytes().any(|b| b != b'0');
-    Some(if int.starts_with('-') && has_fraction {
-        secs - 1
-    } else {
-        secs
-    })
-}
-
-/// A hint at what a stream is instead of a tar.
-pub fn describe_start(start: &[u8]) -> String {
-    let kind = match start {
-        [0x1f, 0x8b, ..] => "gzip data",
-        [0x28, 0xb5, 0x2f, 0xfd, ..] => "zstd data",
-        [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => "xz data",
-        [b'B', b'Z', b'h', ..] => "bzip2 data",
-        [b'{', ..] | [b'[', ..] => "JSON",
-        [b'<', ..] => "HTML or XML",
-        _ => "its first block is not a tar header",
-    };
-    let hex: Vec<String> = start.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    format!("{kind}; it starts with {}", hex.join(" "))
+    formats::pax::parse_time(value).map(|(secs, _)| secs)
 }
 
 // ---------------------------------------------------------------------------
 // Decompression by magic bytes.
 
-/// Compression of an input stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InputCompression {
-    Plain,
-    Gzip,
-    Zstd,
-    Xz,
-}
-
-impl InputCompression {
-    /// Tells the compression from a stream's first bytes.
-    pub fn sniff(start: &[u8]) -> Result<InputCompression> {
-        Ok(match start {
-            [0x1f, 0x8b, ..] => InputCompression::Gzip,
-            [0x28, 0xb5, 0x2f, 0xfd, ..] => InputCompression::Zstd,
-            [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => InputCompression::Xz,
-            [b'B', b'Z', b'h', ..] => {
-                bail!(
-                    "it is bzip2-compressed, which is not supported: decompress it first (bunzip2)"
-                )
-            }
-            _ => InputCompression::Plain,
-        })
+/// The compression of an input stream, refusing what no decoder here reads.
+pub fn sniff_compression(start: &[u8]) -> Result<Compression> {
+    match Compression::sniff(start) {
+        Compression::Bzip2 => {
+            bail!("it is bzip2-compressed, which is not supported: decompress it first (bunzip2)")
+        }
+        c => Ok(c),
     }
 }
 
@@ -534,25 +478,25 @@ impl<R: BufRead> Decoder<R> {
     /// Reads `r`'s first bytes and wraps it in the right decompressor.
     pub fn sniff(mut r: R) -> Result<Decoder<R>> {
         let mut start = Vec::with_capacity(8);
-        while start.len() < 6 {
+        while start.len() < SNIFF_LEN {
             let buf = r.fill_buf().context("cannot read the stream")?;
             if buf.is_empty() {
                 break;
             }
-            let n = buf.len().min(6 - start.len());
+            let n = buf.len().min(SNIFF_LEN - start.len());
             start.extend_from_slice(&buf[..n]);
             r.consume(n);
         }
-        let kind = InputCompression::sniff(&start)?;
+        let kind = sniff_compression(&start)?;
         let r = io::Cursor::new(start).chain(r);
         Ok(match kind {
-            InputCompression::Plain => Decoder::Plain(r),
-            InputCompression::Gzip => Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(r)),
-            InputCompression::Zstd => Decoder::Zstd(
+            Compression::None | Compression::Bzip2 => Decoder::Plain(r),
+            Compression::Gzip => Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(r)),
+            Compression::Zstd => Decoder::Zstd(
                 zstd::stream::read::Decoder::with_buffer(r)
                     .context("cannot start the zstd decompressor")?,
             ),
-            InputCompression::Xz => Decoder::Xz(liblzma::bufread::XzDecoder::new_multi_decoder(r)),
+            Compression::Xz => Decoder::Xz(liblzma::bufread::XzDecoder::new_multi_decoder(r)),
         })
     }
 

@@ -24,11 +24,12 @@ use tracing::{info, warn};
 
 use super::rootfs_stream::{download_failed, spawn_progress_reporter};
 use super::{BuildContext, BuildMethod, MethodOutcome};
-use crate::agent::{StageContext, StageError};
 use crate::disk::{self, GrownGpt, Volume};
 use crate::fetch::{self, FetchOptions};
 use crate::read_ahead::ReadAhead;
-use crate::signal::LayoutEntry;
+use crate::stage::{StageContext, StageError};
+use contract::LayoutEntry;
+use contract::Stage;
 
 nix::ioctl_write_ptr_bad!(blk_zeroout, 0x127f, [u64; 2]);
 
@@ -36,9 +37,6 @@ nix::ioctl_write_ptr_bad!(blk_zeroout, 0x127f, [u64; 2]);
 /// writes: enough to keep the network busy while the disk catches up.
 const READ_AHEAD_CHUNK: usize = 1 << 20;
 const READ_AHEAD_DEPTH: usize = 4;
-
-/// The qcow2 magic, `QFI\xfb`.
-const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
 #[derive(Default)]
 pub struct FromQcow2 {
@@ -52,8 +50,8 @@ impl BuildMethod for FromQcow2 {
     fn pre_build(&mut self, ctx: &BuildContext) -> Result<(), StageError> {
         ctx.params
             .required("disk_img_url", "from-qcow2")
-            .stage("params")?;
-        self.volume = Some(Volume::open(&ctx.common.volume).stage("disk")?);
+            .stage(Stage::Params)?;
+        self.volume = Some(Volume::open(&ctx.common.volume).stage(Stage::Disk)?);
         Ok(())
     }
 
@@ -62,7 +60,7 @@ impl BuildMethod for FromQcow2 {
         let url = ctx
             .params
             .required("disk_img_url", "from-qcow2")
-            .stage("params")?
+            .stage(Stage::Params)?
             .to_string();
         let options = FetchOptions {
             expected_sha256: ctx
@@ -72,20 +70,20 @@ impl BuildMethod for FromQcow2 {
                 .map(str::to_string),
             ..FetchOptions::default()
         };
-        ctx.report("fetch", 0);
+        ctx.report(Stage::Fetch, 0);
         let download = fetch::open(ctx.runtime.clone(), &url, options)
             .with_context(|| format!("fetch disk_img_url {url}"))
-            .stage("fetch")?;
+            .stage(Stage::Fetch)?;
         let progress = download.progress();
         let done = Arc::new(AtomicBool::new(false));
         let reporter = spawn_progress_reporter(ctx, progress, done.clone());
         // The download is received on its own thread while this one writes.
         let mut stream = ReadAhead::new(download, READ_AHEAD_CHUNK, READ_AHEAD_DEPTH)
             .context("start the download thread")
-            .stage("fetch")?;
+            .stage(Stage::Fetch)?;
         let written = (|| {
             let head = stream.fill_buf().context("read the image's first bytes")?;
-            if head.starts_with(&QCOW2_MAGIC) {
+            if head.starts_with(&qcow2::MAGIC) {
                 write_qcow2(ctx, &url, &mut stream, volume)
             } else {
                 write_raw(&mut stream, volume)
@@ -97,9 +95,9 @@ impl BuildMethod for FromQcow2 {
             Ok(n) => n,
             Err(e) => {
                 let stage = if download_failed(&e) {
-                    "fetch"
+                    Stage::Fetch
                 } else {
-                    "write"
+                    Stage::Write
                 };
                 return Err(e)
                     .with_context(|| format!("disk_img_url {url}"))
@@ -112,13 +110,13 @@ impl BuildMethod for FromQcow2 {
             .into_inner()
             .finish()
             .with_context(|| format!("disk_img_url {url}"))
-            .stage("fetch")?;
+            .stage(Stage::Fetch)?;
         self.fetched_bytes = fetched.bytes;
         volume
             .file
             .sync_all()
             .context("flush the volume")
-            .stage("write")?;
+            .stage(Stage::Write)?;
         info!(
             "disk image: {} bytes fetched (sha256 {}), {} bytes written to {}",
             fetched.bytes,
@@ -131,18 +129,18 @@ impl BuildMethod for FromQcow2 {
 
     fn post_build(&mut self, ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
         let volume = self.volume.as_mut().expect("pre_build opened the volume");
-        ctx.report("grow", 0);
-        let gpt = disk::grow_gpt(volume).stage("grow")?;
+        ctx.report(Stage::Grow, 0);
+        let gpt = disk::grow_gpt(volume).stage(Stage::Grow)?;
         let grow_fs = ctx.params.get("grow_fs").is_some_and(|v| v == "1");
         if let (true, Some(gpt)) = (grow_fs, &gpt) {
-            grow_last_filesystem(gpt).stage("grow")?;
+            grow_last_filesystem(gpt).stage(Stage::Grow)?;
         }
         volume
             .file
             .sync_all()
             .context("flush the volume")
-            .stage("finish")?;
-        ctx.report("finish", 100);
+            .stage(Stage::Finish)?;
+        ctx.report(Stage::Finish, 100);
         let layout = match &gpt {
             Some(gpt) => gpt
                 .partitions

@@ -10,11 +10,12 @@ use uuid::Uuid;
 
 use super::rootfs_stream::stream_rootfs;
 use super::{BuildContext, BuildMethod, MethodOutcome};
-use crate::agent::{StageContext, StageError};
 use crate::bootloader::{self, BootTarget};
 use crate::disk::{self, Partitioned, Volume};
 use crate::fs::{self, Mount};
-use crate::signal::LayoutEntry;
+use crate::stage::{StageContext, StageError};
+use contract::LayoutEntry;
+use contract::Stage;
 
 /// Where the agent mounts the root filesystem it builds.
 pub const ROOT_MOUNT: &str = "/run/initrd-agent/root";
@@ -34,34 +35,35 @@ impl BuildMethod for FromRootfs {
     fn pre_build(&mut self, ctx: &BuildContext) -> Result<(), StageError> {
         ctx.params
             .required("rootfs_url", "from-rootfs")
-            .stage("params")?;
-        self.volume = Some(Volume::open(&ctx.common.volume).stage("disk")?);
+            .stage(Stage::Params)?;
+        self.volume = Some(Volume::open(&ctx.common.volume).stage(Stage::Disk)?);
         Ok(())
     }
 
     fn build(&mut self, ctx: &BuildContext) -> Result<(), StageError> {
         let volume = self.volume.as_mut().expect("pre_build opened the volume");
-        ctx.report("disk", 0);
-        let layout = disk::partition(volume, ctx.common.efi_size).stage("disk")?;
+        ctx.report(Stage::Disk, 0);
+        let layout = disk::partition(volume, ctx.common.efi_size).stage(Stage::Disk)?;
 
-        ctx.report("fs", 0);
-        let esp_id = fs::format_fat32(&layout.esp.device, layout.esp.size, "efi").stage("fs")?;
+        ctx.report(Stage::Fs, 0);
+        let esp_id =
+            fs::format_fat32(&layout.esp.device, layout.esp.size, "efi").stage(Stage::Fs)?;
         let fs_uuid = Uuid::new_v4();
-        fs::format_ext4(&layout.root.device, "root", fs_uuid).stage("fs")?;
+        fs::format_ext4(&layout.root.device, "root", fs_uuid).stage(Stage::Fs)?;
         let root = PathBuf::from(ROOT_MOUNT);
         let root_mount =
-            Mount::new(&layout.root.device, &root, "ext4", MsFlags::empty()).stage("fs")?;
+            Mount::new(&layout.root.device, &root, "ext4", MsFlags::empty()).stage(Stage::Fs)?;
 
-        ctx.report("fetch", 0);
+        ctx.report(Stage::Fetch, 0);
         let streamed = stream_rootfs(ctx, &root)?;
         self.fetched_bytes = streamed.fetched_bytes;
 
-        write_fstab(&root, &layout).stage("fstab")?;
+        write_fstab(&root, &layout).stage(Stage::Fstab)?;
         let esp_dir = root.join("boot/efi");
         let esp_mount = Mount::new(&layout.esp.device, &esp_dir, "vfat", MsFlags::empty())
             .context("mount the ESP (the initrd must carry the fat, vfat and nls modules)")
-            .stage("bootloader")?;
-        ctx.report("bootloader", 0);
+            .stage(Stage::Bootloader)?;
+        ctx.report(Stage::Bootloader, 0);
         let how = bootloader::install(&BootTarget {
             root: &root,
             esp: &esp_dir,
@@ -69,7 +71,7 @@ impl BuildMethod for FromRootfs {
             root_fs_uuid: fs_uuid,
             root_partuuid: layout.root.partuuid,
         })
-        .stage("bootloader")?;
+        .stage(Stage::Bootloader)?;
         info!("bootloader: {how:?}");
 
         self.layout = Some(layout);
@@ -83,18 +85,18 @@ impl BuildMethod for FromRootfs {
     fn post_build(&mut self, ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
         // The ESP is mounted inside the root: unmount it first.
         if let Some(m) = self.esp_mount.take() {
-            m.unmount().stage("finish")?;
+            m.unmount().stage(Stage::Finish)?;
         }
         if let Some(m) = self.root_mount.take() {
-            m.unmount().stage("finish")?;
+            m.unmount().stage(Stage::Finish)?;
         }
         if let Some(v) = &self.volume {
             v.file
                 .sync_all()
                 .context("flush the volume")
-                .stage("finish")?;
+                .stage(Stage::Finish)?;
         }
-        ctx.report("finish", 100);
+        ctx.report(Stage::Finish, 100);
         let layout = self.layout.as_ref().expect("build partitioned the volume");
         let entries = vec![
             LayoutEntry {

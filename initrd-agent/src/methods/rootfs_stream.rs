@@ -11,8 +11,9 @@ use anyhow::Context;
 use tracing::info;
 
 use super::BuildContext;
-use crate::agent::{StageContext, StageError};
 use crate::fetch::{self, FetchOptions};
+use crate::stage::{StageContext, StageError};
+use contract::{Stage, StateDetail};
 
 /// What came over the network.
 pub struct Streamed {
@@ -23,7 +24,7 @@ pub fn stream_rootfs(ctx: &BuildContext, root: &Path) -> Result<Streamed, StageE
     let url = ctx
         .params
         .required("rootfs_url", "this build method")
-        .stage("params")?
+        .stage(Stage::Params)?
         .to_string();
     let options = FetchOptions {
         expected_sha256: ctx
@@ -35,7 +36,7 @@ pub fn stream_rootfs(ctx: &BuildContext, root: &Path) -> Result<Streamed, StageE
     };
     let mut download = fetch::open(ctx.runtime.clone(), &url, options)
         .with_context(|| format!("fetch rootfs_url {url}"))
-        .stage("fetch")?;
+        .stage(Stage::Fetch)?;
     let progress = download.progress();
     let done = Arc::new(AtomicBool::new(false));
     let reporter = spawn_progress_reporter(ctx, progress.clone(), done.clone());
@@ -57,9 +58,9 @@ pub fn stream_rootfs(ctx: &BuildContext, root: &Path) -> Result<Streamed, StageE
         // name the stage after the cause.
         Err(e) => {
             let stage = if download_failed(&e) {
-                "fetch"
+                Stage::Fetch
             } else {
-                "extract"
+                Stage::Extract
             };
             return Err(e)
                 .with_context(|| format!("rootfs_url {url}"))
@@ -69,14 +70,14 @@ pub fn stream_rootfs(ctx: &BuildContext, root: &Path) -> Result<Streamed, StageE
     let fetched = download
         .finish()
         .with_context(|| format!("rootfs_url {url}"))
-        .stage("fetch")?;
+        .stage(Stage::Fetch)?;
     info!(
         "rootfs: {} bytes fetched (sha256 {}), {} entries extracted",
         fetched.bytes,
         fetched.sha256.as_deref().unwrap_or("not checked"),
         summary.entries
     );
-    ctx.report("extract", 100);
+    ctx.report(Stage::Extract, 100);
     Ok(Streamed {
         fetched_bytes: fetched.bytes,
     })
@@ -111,7 +112,11 @@ pub(super) fn spawn_progress_reporter(
             );
             if let (Some(md), Some(p)) = (&md, percent) {
                 if last_percent != Some(p) {
-                    md.report_state(&format!("building: fetch {p}")).await;
+                    md.report_state(&StateDetail::Building {
+                        stage: Stage::Fetch,
+                        percent: p,
+                    })
+                    .await;
                     last_percent = Some(p);
                 }
             }

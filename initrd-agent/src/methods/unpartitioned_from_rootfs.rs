@@ -10,10 +10,11 @@ use uuid::Uuid;
 use super::from_rootfs::ROOT_MOUNT;
 use super::rootfs_stream::stream_rootfs;
 use super::{BuildContext, BuildMethod, MethodOutcome};
-use crate::agent::{StageContext, StageError};
 use crate::disk::Volume;
 use crate::fs::{self, Mount};
-use crate::signal::LayoutEntry;
+use crate::stage::{StageContext, StageError};
+use contract::LayoutEntry;
+use contract::Stage;
 
 #[derive(Default)]
 pub struct UnpartitionedFromRootfs {
@@ -27,21 +28,21 @@ impl BuildMethod for UnpartitionedFromRootfs {
     fn pre_build(&mut self, ctx: &BuildContext) -> Result<(), StageError> {
         ctx.params
             .required("rootfs_url", "unpartitioned-from-rootfs")
-            .stage("params")?;
-        self.volume = Some(Volume::open(&ctx.common.volume).stage("disk")?);
+            .stage(Stage::Params)?;
+        self.volume = Some(Volume::open(&ctx.common.volume).stage(Stage::Disk)?);
         Ok(())
     }
 
     fn build(&mut self, ctx: &BuildContext) -> Result<(), StageError> {
         let volume = self.volume.as_mut().expect("pre_build opened the volume");
-        ctx.report("fs", 0);
+        ctx.report(Stage::Fs, 0);
         // A stale partition table would shadow the filesystem for the kernel.
-        volume.wipe_signatures().stage("disk")?;
+        volume.wipe_signatures().stage(Stage::Disk)?;
         let uuid = Uuid::new_v4();
-        fs::format_ext4(&volume.path, "root", uuid).stage("fs")?;
+        fs::format_ext4(&volume.path, "root", uuid).stage(Stage::Fs)?;
         let root = PathBuf::from(ROOT_MOUNT);
-        let mount = Mount::new(&volume.path, &root, "ext4", MsFlags::empty()).stage("fs")?;
-        ctx.report("fetch", 0);
+        let mount = Mount::new(&volume.path, &root, "ext4", MsFlags::empty()).stage(Stage::Fs)?;
+        ctx.report(Stage::Fetch, 0);
         self.fetched_bytes = stream_rootfs(ctx, &root)?.fetched_bytes;
         self.fs_uuid = Some(uuid);
         self.root_mount = Some(mount);
@@ -50,15 +51,15 @@ impl BuildMethod for UnpartitionedFromRootfs {
 
     fn post_build(&mut self, ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
         if let Some(m) = self.root_mount.take() {
-            m.unmount().stage("finish")?;
+            m.unmount().stage(Stage::Finish)?;
         }
         let volume = self.volume.as_ref().expect("pre_build opened the volume");
         volume
             .file
             .sync_all()
             .context("flush the volume")
-            .stage("finish")?;
-        ctx.report("finish", 100);
+            .stage(Stage::Finish)?;
+        ctx.report(Stage::Finish, 100);
         Ok(MethodOutcome {
             bytes: self.fetched_bytes,
             layout: vec![LayoutEntry {

@@ -542,6 +542,14 @@ impl Provider for LocalProvider {
         "local"
     }
 
+    fn capabilities(&self) -> super::Capabilities {
+        super::Capabilities {
+            local_bootscripts: true,
+            helper_servers: false,
+            forwards_to_host: true,
+        }
+    }
+
     async fn create_server(&self, spec: &ServerSpec) -> Result<Server> {
         let this = self.clone_handle();
         let spec = spec.clone();

@@ -1,29 +1,6 @@
-//! `imgforge build`: the whole image build as one command (the original
-//! `create_image_live_from_rootfs.sh`).
-//!
-//! 1. resolve the input: an `imgforge rootfs` source is built to a tarball,
-//!    a local file is used as is, an http(s) URL is handed to the agent;
-//! 2. serve local files (and, for a helper, `initrd-agent`) with the
-//!    artifact server: on loopback for the local provider, on `--listen`
-//!    and announced as `--public-url` for a remote one;
-//! 3. create a build server tagged with the build id and the agent's
-//!    parameters, by one of two strategies:
-//!    - `bootscript`: the image-creation bootscript (kernel + initrd with
-//!      the agent as PID 1) and one blank volume of `--size`; the local
-//!      provider's way, and Scaleway's before bootscripts were removed;
-//!    - `helper`: a stock image with a second, blank volume of `--size`,
-//!      whose cloud-init script fetches the agent and runs it against that
-//!      volume (see [`crate::helper_script`]); Scaleway's way today;
-//! 4. follow the agent's `state_detail` as progress and poll its done
-//!    signal; a failure line ends the build at once, with the agent's
-//!    message and the end of the console;
-//! 5. stop the server, snapshot the written volume, create the image,
-//!    delete the server with its volumes.
-//!
-//! Whatever happens (an error, Ctrl-C, SIGTERM), every server, volume and
-//! unused snapshot the build created is deleted before imgforge exits: the
-//! servers it knows of, then whatever else carries its build id
-//! ([`Provider::cleanup_builds`]).
+//! The effects of `imgforge build`: serve the input, create the build
+//! server, follow it to the done line, snapshot the volume into an image,
+//! and remove whatever the build created when it fails or is interrupted.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -31,149 +8,24 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use contract::{DoneLine, StateDetail};
 use tracing::{info, warn};
 
-use crate::done_signal::{self, DoneLine};
-use crate::provider::{
-    Boot, Provider, ServerSpec, ServerState, VolumeSpec, BUILD_SERVER_PREFIX, BUILD_TAG_PREFIX,
-};
-use crate::resources::ProviderArgs;
+use super::plan::{self, InputSource};
+use super::{BuildArgs, BuildReport, Strategy};
+use crate::done_signal;
+use crate::provider::{Boot, Provider, ServerSpec, ServerState, VolumeSpec, BUILD_SERVER_PREFIX};
 use crate::serve::ArtifactServer;
-use crate::size::parse_size;
 
-/// The agent's done-signal port in the image-creation initrd (the
-/// original's default).
-const DONE_PORT: u16 = 22;
-/// The done-signal port of a helper server: a stock image runs sshd on 22.
-const HELPER_DONE_PORT: u16 = 8022;
 /// How long the done line may lag behind the agent's last state.
 const DONE_LINE_GRACE: Duration = Duration::from_secs(20);
 /// A helper server's own root volume (SI bytes, as Scaleway counts).
 const HELPER_ROOT_SIZE: u64 = 10_000_000_000;
 
-#[derive(clap::Args, Debug, Clone)]
-pub struct BuildArgs {
-    /// The build method the agent runs.
-    #[arg(long, value_enum, default_value = "from-rootfs")]
-    pub method: Method,
-    /// The root filesystem: an `imgforge rootfs` source (dir:, tar:, oci:,
-    /// docker-archive:, docker:, podman:, debian:SUITE), a local tarball, or
-    /// an http(s) URL the build server downloads itself.
-    #[arg(long)]
-    pub rootfs: Option<String>,
-    /// A disk image (from-qcow2): a local file or an http(s) URL.
-    #[arg(long, conflicts_with = "rootfs")]
-    pub disk_image: Option<String>,
-    /// The image's name.
-    #[arg(long)]
-    pub name: String,
-    /// The volume's size (4G, 512M...).
-    #[arg(long, default_value = "4G", value_parser = parse_size)]
-    pub size: u64,
-    #[arg(long, default_value = "x86_64")]
-    pub arch: String,
-    /// More agent parameters as server tags (efi_size=200M, grow_fs=1,
-    /// INITRD_VERBOSE=1...); repeatable.
-    #[arg(long = "param", value_name = "KEY=VALUE")]
-    pub params: Vec<String>,
-    /// Use this `imgforge initrd -o DIR` output instead of building the
-    /// image-creation bootscript.
-    #[arg(long, value_name = "DIR")]
-    pub bootscript_dir: Option<PathBuf>,
-    /// debian: sources: the image's /etc/hostname.
-    #[arg(long, default_value = "debian")]
-    pub hostname: String,
-    /// debian: sources: what the image is for: `cloud` (SSH, cloud-init,
-    /// DHCP, guest agent, growing root) or `minimal` (a console login).
-    #[arg(long, value_enum, default_value = "cloud")]
-    pub profile: crate::rootfs::Profile,
-    /// debian: sources: more packages (comma-separated).
-    #[arg(long, value_delimiter = ',', value_name = "PKG,...")]
-    pub include: Vec<String>,
-    /// Give up if the server has not reported booting after this many
-    /// seconds.
-    #[arg(long, default_value_t = 600)]
-    pub boot_timeout: u64,
-    /// Give up if the build has not ended after this many seconds.
-    #[arg(long, default_value_t = 3600)]
-    pub timeout: u64,
-    /// Build server memory in MiB.
-    #[arg(long, default_value_t = 1024)]
-    pub memory: u32,
-    /// How the build server writes the image: `bootscript` boots the
-    /// image-creation initrd (the local provider's way); `helper` boots a
-    /// stock image whose cloud-init runs initrd-agent against a second volume
-    /// (Scaleway's default, since Scaleway removed bootscripts in 2023).
-    #[arg(long, value_enum)]
-    pub strategy: Option<Strategy>,
-    /// Scaleway with `--strategy bootscript`: the id of the image-creation
-    /// bootscript (only endpoints that still offer bootscripts have one).
-    #[arg(long, value_name = "ID")]
-    pub bootscript_id: Option<String>,
-    /// `--strategy helper`: the helper server's device for the second
-    /// volume, which the image is written to.
-    #[arg(long, default_value = "/dev/vdb", value_name = "DEVICE")]
-    pub helper_volume: String,
-    /// Where the artifact server (the rootfs, disk image or agent for the
-    /// build server) listens. Loopback by default; a remote build server
-    /// needs an address it can reach, e.g. 0.0.0.0:8080.
-    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
-    pub listen: std::net::SocketAddr,
-    /// The artifact server's base URL as build servers reach it (e.g.
-    /// http://203.0.113.7:8080), when that is not the listening address
-    /// (NAT, a port forward, a wildcard --listen). Required with a remote
-    /// provider.
-    #[arg(long, value_name = "URL")]
-    pub public_url: Option<String>,
-    #[command(flatten)]
-    pub provider: ProviderArgs,
-}
-
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Strategy {
-    Bootscript,
-    Helper,
-}
-
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
-    FromRootfs,
-    UnpartitionedFromRootfs,
-    FromQcow2,
-}
-
-impl Method {
-    fn name(self) -> &'static str {
-        match self {
-            Method::FromRootfs => "from-rootfs",
-            Method::UnpartitionedFromRootfs => "unpartitioned-from-rootfs",
-            Method::FromQcow2 => "from-qcow2",
-        }
-    }
-}
-
-/// What `imgforge build` prints (`--json`).
-#[derive(Debug, Serialize)]
-pub struct BuildReport {
-    pub image_id: String,
-    pub name: String,
-    pub snapshot_id: String,
-    pub provider: String,
-    pub method: String,
-    pub strategy: String,
-    pub build_id: String,
-    pub seconds: f64,
-    pub done: DoneLine,
-    /// What a server from the image would lack (a local rootfs only; see
-    /// `readiness.rs`).
-    pub readiness: Option<crate::readiness::Readiness>,
-}
-
 /// The servers this build created, for the interrupt handler, and whether
 /// it began creating anything at all.
 #[derive(Clone, Default)]
-struct Created {
+pub(super) struct Created {
     servers: Arc<Mutex<Vec<String>>>,
     began: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -197,60 +49,10 @@ impl Created {
     }
 }
 
-pub fn run_build(args: BuildArgs, json: bool) -> Result<()> {
-    let provider: Arc<dyn Provider> = Arc::from(args.provider.open()?);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("start the async runtime")?;
-    let build_id = new_build_id();
-    let created = Created::default();
-    {
-        let provider = provider.clone();
-        let created = created.clone();
-        let build_id = build_id.clone();
-        crate::interrupt::on_interrupt(move || {
-            eprintln!("imgforge: interrupted; removing what the build created");
-            crate::interrupt::remove_partials();
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(remove_build(provider.as_ref(), &created, &build_id));
-        });
-    }
-    let result = rt.block_on(build(&args, provider.clone(), &created, &build_id));
-    if result.is_err() {
-        // Nothing the failed build created stays behind.
-        rt.block_on(remove_build(provider.as_ref(), &created, &build_id));
-    }
-    let report = result?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!(
-            "image {} ({}) built in {:.0} s",
-            report.name, report.image_id, report.seconds
-        );
-    }
-    Ok(())
-}
-
-/// 8 random hex digits.
-pub fn new_build_id() -> String {
-    let mut bytes = [0u8; 4];
-    if getrandom::fill(&mut bytes).is_err() {
-        bytes = std::process::id().to_le_bytes();
-    }
-    hex::encode(bytes)
-}
-
 /// Deletes the build's servers (with their volumes), then anything else
 /// tagged with its id (a server whose creation was interrupted, a snapshot
 /// that never became an image).
-async fn remove_build(provider: &dyn Provider, created: &Created, build_id: &str) {
+pub(super) async fn remove_build(provider: &dyn Provider, created: &Created, build_id: &str) {
     if !created.began() {
         return;
     }
@@ -281,52 +83,19 @@ async fn delete_servers(provider: &dyn Provider, ids: &[String]) {
     }
 }
 
-async fn build(
+pub(super) async fn build(
     args: &BuildArgs,
     provider: Arc<dyn Provider>,
     created: &Created,
     build_id: &str,
 ) -> Result<BuildReport> {
     let started = Instant::now();
-    let strategy = match (args.strategy, provider.name()) {
-        (Some(s), _) => s,
-        (None, "local") => Strategy::Bootscript,
-        (None, _) => Strategy::Helper,
-    };
-    if strategy == Strategy::Helper && provider.name() == "local" {
-        bail!(
-            "the local provider builds with --strategy bootscript: it has no stock images or \
-             cloud-init for a helper server"
+    let plan = plan::plan(args, provider.name(), provider.capabilities())?;
+    for key in &plan.unknown_params {
+        warn!(
+            "--param {key}=...: initrd-agent knows no parameter {key:?}; it is passed on as a tag"
         );
     }
-    let remote = provider.name() != "local";
-    if !remote && args.public_url.is_some() {
-        bail!(
-            "--public-url is for remote providers: the local provider's servers reach the \
-             artifact server through their own forwards"
-        );
-    }
-    if remote && strategy == Strategy::Bootscript && args.bootscript_id.is_none() {
-        bail!(
-            "--strategy bootscript on {} needs --bootscript-id (the image-creation \
-             bootscript's id). Scaleway removed bootscripts on 2023-05-15: use --strategy helper \
-             unless your endpoint still offers them",
-            provider.name()
-        );
-    }
-    // What the agent downloads: the rootfs, or the disk image (from-qcow2),
-    // under the parameter names of the original.
-    let (input, url_key, sha_key) = match (args.method, &args.rootfs, &args.disk_image) {
-        (Method::FromQcow2, None, Some(image)) => {
-            (image.as_str(), "disk_img_url", "disk_img_sha256")
-        }
-        (Method::FromQcow2, _, None) => {
-            bail!("--method from-qcow2 writes a disk image: give --disk-image FILE|URL")
-        }
-        (_, Some(rootfs), None) => (rootfs.as_str(), "rootfs_url", "rootfs_sha256"),
-        (_, _, Some(_)) => bail!("--disk-image goes with --method from-qcow2"),
-        (_, None, None) => bail!("give --rootfs (or --disk-image with --method from-qcow2)"),
-    };
     let images = provider.list_images().await.context("list the images")?;
     if let Some(existing) = images.iter().find(|i| i.name == args.name) {
         bail!(
@@ -347,72 +116,54 @@ async fn build(
             None => provider.guest_url(url),
         }
     };
-    let mut tags = vec![
-        format!("{BUILD_TAG_PREFIX}{build_id}"),
-        format!("build_method={}", args.method.name()),
-    ];
     let mut host_services = Vec::new();
     if args.public_url.is_none() {
         host_services.push(artifacts.addr());
     }
-    let resolved = if args.method == Method::FromQcow2 {
-        resolve_disk_image(input)?
-    } else {
-        resolve_rootfs(input, args, work.path()).await?
+    let input = match &plan.input {
+        InputSource::Rootfs(source) => build_rootfs(source, args, work.path()).await?,
+        InputSource::File(path) => InputSource::File(path.clone()),
+        InputSource::Url(url) => InputSource::Url(url.clone()),
     };
     let mut readiness = None;
-    match resolved {
-        Input::Url(url) => {
+    let tags = match input {
+        InputSource::Url(url) => {
             let guest = provider.guest_url(&url)?;
             if let Ok(parsed) = url::Url::parse(&url) {
                 if let Ok(addrs) = parsed.socket_addrs(|| None) {
                     host_services.extend(addrs.into_iter().filter(|a| a.is_ipv4()).take(1));
                 }
             }
-            tags.push(format!("{url_key}={guest}"));
+            plan.tags(args.method, build_id, &guest, None)
         }
-        Input::File(path) => {
-            if args.method != Method::FromQcow2 {
+        InputSource::File(path) => {
+            if plan.input_kind == contract::method::Input::Rootfs {
                 readiness = Some(warn_about_readiness(&path).await?);
             }
             let served = artifacts.add_file(&path).await?;
-            tags.push(format!("{url_key}={}", reach(&served.url)?));
-            tags.push(format!("{sha_key}={}", served.sha256));
+            plan.tags(
+                args.method,
+                build_id,
+                &reach(&served.url)?,
+                Some(&served.sha256),
+            )
         }
-    }
-    let mut done_port = match strategy {
-        Strategy::Bootscript => DONE_PORT,
-        Strategy::Helper => HELPER_DONE_PORT,
+        InputSource::Rootfs(_) => unreachable!("the rootfs source was built above"),
     };
-    for param in &args.params {
-        let Some((key, value)) = param.split_once('=') else {
-            bail!("--param {param:?}: expected KEY=VALUE");
-        };
-        if key == "signal_build_done_port" {
-            done_port = value
-                .parse()
-                .with_context(|| format!("--param {param:?}: not a port number"))?;
-        }
-    }
-    tags.push(format!("signal_build_done_port={done_port}"));
-    tags.extend(
-        args.params
-            .iter()
-            .filter(|p| !p.starts_with("signal_build_done_port="))
-            .cloned(),
-    );
 
     let BuildServer {
         boot,
         volumes,
         cloud_init,
-    } = match strategy {
+    } = match plan.strategy {
         Strategy::Helper => {
             let agent = crate::bootscript::find_agent()?;
             let served = artifacts.add_file(&agent).await?;
             helper_server(args, &reach(&served.url)?, &served.sha256, build_id)
         }
-        Strategy::Bootscript => bootscript_server(args, remote, work.path()).await?,
+        Strategy::Bootscript => {
+            bootscript_server(args, provider.capabilities().local_bootscripts, work.path()).await?
+        }
     };
     // The agent writes the last volume: the only one of a bootscript
     // server, the second of a helper.
@@ -423,7 +174,7 @@ async fn build(
         boot: Some(boot),
         volumes,
         tags,
-        exposed_ports: vec![done_port],
+        exposed_ports: vec![plan.done_port],
         host_services,
         memory_mib: Some(args.memory),
         cloud_init,
@@ -436,7 +187,7 @@ async fn build(
     let server = provider.start_server(&server.id).await?;
     let done_addr = *server
         .endpoints
-        .get(&done_port)
+        .get(&plan.done_port)
         .context("the provider gave no address for the done-signal port")?;
 
     let done = wait_for_done(provider.as_ref(), &server.id, done_addr, args).await?;
@@ -444,7 +195,6 @@ async fn build(
         bail!(
             "the build failed{}: {}{}",
             done.stage
-                .as_deref()
                 .map(|s| format!(" in stage {s}"))
                 .unwrap_or_default(),
             done.message,
@@ -485,12 +235,8 @@ async fn build(
         name: image.name,
         snapshot_id: snapshot.id,
         provider: provider.name().into(),
-        method: args.method.name().into(),
-        strategy: match strategy {
-            Strategy::Bootscript => "bootscript",
-            Strategy::Helper => "helper",
-        }
-        .into(),
+        method: args.method.to_string(),
+        strategy: plan.strategy.as_str().into(),
         build_id: build_id.into(),
         seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         done,
@@ -533,16 +279,20 @@ fn helper_server(
 
 /// The image-creation bootscript with one blank volume: the provider's
 /// bootscript id (remote), or the bootscript built here (local).
-async fn bootscript_server(args: &BuildArgs, remote: bool, work: &Path) -> Result<BuildServer> {
-    let boot = if remote {
+async fn bootscript_server(
+    args: &BuildArgs,
+    local_bootscripts: bool,
+    work: &Path,
+) -> Result<BuildServer> {
+    let boot = if local_bootscripts {
+        let dir = image_creation_bootscript(args, work).await?;
+        Boot::Bootscript(dir.to_string_lossy().into_owned())
+    } else {
         Boot::Bootscript(
             args.bootscript_id
                 .clone()
                 .context("--bootscript-id is needed")?,
         )
-    } else {
-        let dir = image_creation_bootscript(args, work).await?;
-        Boot::Bootscript(dir.to_string_lossy().into_owned())
     };
     Ok(BuildServer {
         boot,
@@ -579,42 +329,13 @@ async fn image_creation_bootscript(args: &BuildArgs, work: &Path) -> Result<Path
     std::fs::canonicalize(&dir).with_context(|| format!("bootscript directory {}", dir.display()))
 }
 
-/// What the agent downloads: a URL it fetches itself, or a local file served to it.
-enum Input {
-    Url(String),
-    File(PathBuf),
-}
-
-/// A disk image: a URL, or a local file served as is.
-fn resolve_disk_image(image: &str) -> Result<Input> {
-    if image.starts_with("http://") || image.starts_with("https://") {
-        return Ok(Input::Url(image.to_owned()));
-    }
-    if !Path::new(image).is_file() {
-        bail!(
-            "--disk-image {image}: no such file; give a qcow2 or raw image file, or an http(s) URL"
-        );
-    }
-    Ok(Input::File(image.into()))
-}
-
-/// A URL stays a URL; a `SCHEME:` source is built into `work`; anything
-/// else must be a local file.
-async fn resolve_rootfs(rootfs: &str, args: &BuildArgs, work: &Path) -> Result<Input> {
-    if rootfs.starts_with("http://") || rootfs.starts_with("https://") {
-        return Ok(Input::Url(rootfs.to_owned()));
-    }
-    let path = Path::new(rootfs);
-    if path.is_file() {
-        return Ok(Input::File(path.to_path_buf()));
-    }
-    if !rootfs.contains(':') {
-        bail!(
-            "--rootfs {rootfs}: no such file; give a tarball, an http(s) URL or a source ({})",
-            crate::rootfs::SCHEMES
-        );
-    }
-    let source: crate::rootfs::Source = rootfs.parse()?;
+/// Builds an `imgforge rootfs` source into a tarball in `work`.
+async fn build_rootfs(
+    source: &crate::rootfs::Source,
+    args: &BuildArgs,
+    work: &Path,
+) -> Result<InputSource> {
+    let source = source.clone();
     let output = work.join("rootfs.tar.zst");
     let opts = crate::rootfs::Options {
         arch: Some(args.arch.clone()),
@@ -632,13 +353,18 @@ async fn resolve_rootfs(rootfs: &str, args: &BuildArgs, work: &Path) -> Result<I
         move || crate::rootfs::build(&source, &output, &opts)
     })
     .await?
-    .with_context(|| format!("cannot build the rootfs from {rootfs}"))?;
+    .with_context(|| {
+        format!(
+            "cannot build the rootfs from {}",
+            args.rootfs.as_deref().unwrap_or_default()
+        )
+    })?;
     info!(
         "rootfs: {} entries, {} MiB",
         report.entries,
         report.size >> 20
     );
-    Ok(Input::File(output))
+    Ok(InputSource::File(output))
 }
 
 /// Checks a local rootfs tarball for what a server needs and warns about each finding: the
@@ -692,11 +418,12 @@ async fn wait_for_done(
         // done line. If the line does not follow, the state alone ends the
         // build: a failure with signal_failure=0 sends no line, and a done
         // port the host cannot reach (a security group) never answers.
-        if last_detail == "done" || last_detail.starts_with("failed") {
+        let state: StateDetail = last_detail.parse().unwrap_or_else(|e| match e {});
+        if state.is_end() {
             let since = *ended_since.get_or_insert_with(Instant::now);
             if since.elapsed() > DONE_LINE_GRACE {
                 progress.finish();
-                if last_detail == "done" {
+                if state == StateDetail::Done {
                     bail!(
                         "the agent reported \"done\", but no done line came from {done_addr} \
                          within {} s: let TCP port {} in to the build server (its security \
