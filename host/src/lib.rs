@@ -16,23 +16,18 @@
 //! | [`scaleway`] | Scaleway API client and configuration |
 //! | [`tools`], [`size`], [`interrupt`] | external tools and their install commands; sizes; Ctrl-C cleanup |
 
-pub mod accel;
 pub mod boot;
 pub mod bootscript;
 pub mod build;
 pub mod done_signal;
-pub mod guestfwd;
 pub mod helper_script;
 pub mod inspect;
 pub mod interrupt;
 pub mod kernel;
-pub mod metadata_server;
 pub mod provider;
-pub mod qemu;
 pub mod readiness;
 pub mod resources;
 pub mod rootfs;
-pub mod scaleway;
 pub mod serve;
 pub mod server_test;
 pub mod size;

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
-use crate::accel::AccelChoice;
+use crate::provider::local::accel::AccelChoice;
 use crate::provider::local::{ExportFormat, LocalProvider};
 use crate::provider::scaleway::{ScalewayOptions, ScalewayProvider};
 use crate::provider::{
@@ -75,7 +75,7 @@ impl ProviderArgs {
     /// Opens the Scaleway provider with the scw CLI's configuration
     /// (`~/.config/scw/config.yaml` and the `SCW_*` variables).
     pub fn open_scaleway(&self) -> Result<ScalewayProvider> {
-        let config = crate::scaleway::Config::load()
+        let config = crate::provider::scaleway::Config::load()
             .context("read the Scaleway configuration (as the scw CLI does)")?;
         let options = ScalewayOptions {
             commercial_type: self.scw_commercial_type.clone(),
