@@ -132,6 +132,22 @@ pub struct Image {
     pub created_at: String,
 }
 
+/// What a provider's servers can do, for the choices of `imgforge build`
+/// (instead of comparing provider names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Servers boot a bootscript directory built on this machine
+    /// (`Boot::Bootscript(dir)`), not a bootscript id the cloud offers.
+    pub local_bootscripts: bool,
+    /// Servers can boot stock images with cloud-init user data (a helper
+    /// server for `--strategy helper`).
+    pub helper_servers: bool,
+    /// Servers reach services on this machine's loopback through the
+    /// provider's own forwards (`guest_url`, `host_services`), so no public
+    /// URL is needed.
+    pub forwards_to_host: bool,
+}
+
 /// Servers, volumes, snapshots and images of one provider.
 ///
 /// Every call is one request to the provider; nothing waits for a guest.
@@ -140,6 +156,9 @@ pub struct Image {
 pub trait Provider: Send + Sync {
     /// `local` or `scaleway`.
     fn name(&self) -> &'static str;
+
+    /// What the build pipeline must choose by; see [`Capabilities`].
+    fn capabilities(&self) -> Capabilities;
 
     async fn create_server(&self, spec: &ServerSpec) -> Result<Server>;
     async fn get_server(&self, id: &str) -> Result<Server>;

@@ -32,8 +32,8 @@ use self::qemu::{Accel, GuestCommand, GuestForward, PortForward, UserNet};
 use self::records::{Runtime, ServerRecord};
 use self::store::{new_id, Kind, Store};
 use super::{
-    now_rfc3339, Boot, Image, Provider, Server, ServerSpec, ServerState, Snapshot, Volume,
-    VolumeSpec,
+    now_rfc3339, Boot, Capabilities, Image, Provider, Server, ServerSpec, ServerState, Snapshot,
+    Volume, VolumeSpec,
 };
 use crate::tools::RunTool;
 
@@ -546,6 +546,17 @@ impl Provider for LocalProvider {
         "local"
     }
 
+    /// Servers are QEMU processes booting bootscript directories of this
+    /// machine, reaching its loopback through guest forwards; no cloud
+    /// images to start a helper server from.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            local_bootscripts: true,
+            helper_servers: false,
+            forwards_to_host: true,
+        }
+    }
+
     async fn create_server(&self, spec: &ServerSpec) -> Result<Server> {
         let this = self.clone_handle();
         let spec = spec.clone();
@@ -818,6 +829,20 @@ mod tests {
             }
         }
         found
+    }
+
+    #[test]
+    fn capabilities_local_bootscripts_and_forwards() {
+        let home = tempfile::tempdir().unwrap();
+        let provider = LocalProvider::open(home.path(), AccelChoice::Tcg).unwrap();
+        assert_eq!(
+            provider.capabilities(),
+            Capabilities {
+                local_bootscripts: true,
+                helper_servers: false,
+                forwards_to_host: true,
+            }
+        );
     }
 
     #[tokio::test]

@@ -58,7 +58,10 @@ use tracing::{info, warn};
 use self::api::{
     CreateImageRequest, CreateServerRequest, CreateSnapshotRequest, ServerAction, VolumeTemplate,
 };
-use super::{Boot, Image, Provider, Server, ServerSpec, ServerState, Snapshot, Volume, VolumeSpec};
+use super::{
+    Boot, Capabilities, Image, Provider, Server, ServerSpec, ServerState, Snapshot, Volume,
+    VolumeSpec,
+};
 
 /// The tag on every server this provider creates; `list_servers` lists by it.
 pub const MARKER_TAG: &str = "imgforge";
@@ -365,6 +368,16 @@ fn is_loopback_host(url: &url::Url) -> bool {
 impl Provider for ScalewayProvider {
     fn name(&self) -> &'static str {
         "scaleway"
+    }
+
+    /// Servers start from stock images with cloud-init user data (Scaleway
+    /// removed bootscripts) and reach this machine over the internet only.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            local_bootscripts: false,
+            helper_servers: true,
+            forwards_to_host: false,
+        }
     }
 
     async fn create_server(&self, spec: &ServerSpec) -> Result<Server> {
@@ -817,8 +830,8 @@ mod tests {
         assert_ne!(a, b);
     }
 
-    #[test]
-    fn guest_urls_must_be_public() {
+    /// A provider whose API is a closed port: nothing here sends a request.
+    fn offline_provider() -> ScalewayProvider {
         let config = Config {
             access_key: None,
             secret_key: SecretKey::new("x"),
@@ -828,7 +841,24 @@ mod tests {
             profile: None,
             config_path: None,
         };
-        let provider = ScalewayProvider::from_config(&config, ScalewayOptions::default()).unwrap();
+        ScalewayProvider::from_config(&config, ScalewayOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn capabilities_helper_servers_only() {
+        assert_eq!(
+            offline_provider().capabilities(),
+            Capabilities {
+                local_bootscripts: false,
+                helper_servers: true,
+                forwards_to_host: false,
+            }
+        );
+    }
+
+    #[test]
+    fn guest_urls_must_be_public() {
+        let provider = offline_provider();
         let public = "http://203.0.113.7:8080/a/rootfs.tar";
         assert_eq!(provider.guest_url(public).unwrap(), public);
         for url in [
