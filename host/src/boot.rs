@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::accel::AccelChoice;
-use crate::qemu::UefiVm;
+use crate::provider::local::accel::AccelChoice;
+use crate::provider::local::qemu::UefiVm;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BootArgs {
@@ -53,7 +53,7 @@ pub fn run_boot(args: BootArgs, json: bool) -> Result<()> {
     if args.ssh {
         return run_server_test(&args, json);
     }
-    let accel = crate::accel::resolve(args.accel)?;
+    let accel = crate::provider::local::accel::resolve(args.accel)?;
     let disk = resolve_target(&args.target, args.accel)?;
     let pattern =
         regex::Regex::new(&args.expect).with_context(|| format!("--expect '{}'", args.expect))?;

@@ -4,35 +4,30 @@
 //! | module | job |
 //! |---|---|
 //! | [`build`] | `imgforge build`: the pipeline from a rootfs to an image |
-//! | [`provider`] | the `Provider` trait; `local/` (QEMU, state store, metadata) and `scaleway` |
+//! | [`provider`] | the `Provider` trait; `local/` (QEMU, state store, metadata) and `scaleway/` |
+//! | [`local::qemu`](provider::local::qemu), [`accel`](provider::local::accel), [`guestfwd`](provider::local::guestfwd), [`metadata_server`](provider::local::metadata_server) | QEMU command lines, KVM or TCG, guest forwards, the Scaleway-format metadata API |
+//! | [`scaleway::api`](provider::scaleway::api), [`client`](provider::scaleway::client), [`config`](provider::scaleway::config) | Scaleway API client and configuration |
 //! | [`resources`] | `server`/`snapshot`/`image`/`cleanup` commands, one call each |
 //! | [`rootfs`] | `imgforge rootfs`: sources to a normalised tarball (`debian:` profiles) |
 //! | [`bootscript`], [`kernel`] | the image-creation initrd and its kernel from Debian |
 //! | [`serve`] | the artifact server build servers download from |
-//! | [`qemu`], [`accel`], [`guestfwd`], [`metadata_server`] | QEMU command lines, KVM or TCG, guest forwards, the Scaleway-format metadata API |
 //! | [`done_signal`], [`helper_script`] | the agent's done line; the helper server's cloud-init script |
 //! | [`boot`], [`server_test`], [`ssh`] | boot tests: console (`boot`), SSH login and cloud-init (`boot --ssh`), `server ssh` |
 //! | [`inspect`], [`readiness`] | offline disk inspection; what a root filesystem lacks as a server |
-//! | [`scaleway`] | Scaleway API client and configuration |
 //! | [`tools`], [`size`], [`interrupt`] | external tools and their install commands; sizes; Ctrl-C cleanup |
 
-pub mod accel;
 pub mod boot;
 pub mod bootscript;
 pub mod build;
 pub mod done_signal;
-pub mod guestfwd;
 pub mod helper_script;
 pub mod inspect;
 pub mod interrupt;
 pub mod kernel;
-pub mod metadata_server;
 pub mod provider;
-pub mod qemu;
 pub mod readiness;
 pub mod resources;
 pub mod rootfs;
-pub mod scaleway;
 pub mod serve;
 pub mod server_test;
 pub mod size;

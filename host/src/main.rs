@@ -188,7 +188,7 @@ fn guestfwd_bridge(target: SocketAddr) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(host::guestfwd::bridge_stdio_to(target))
+    rt.block_on(host::provider::local::guestfwd::bridge_stdio_to(target))
 }
 
 fn local_metadata(args: host::provider::local::metadata::LocalMetadataArgs) -> Result<()> {

@@ -3,11 +3,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
-use crate::accel::AccelChoice;
+use crate::provider::local::accel::AccelChoice;
 use crate::provider::local::{ExportFormat, LocalProvider};
 use crate::provider::scaleway::{ScalewayOptions, ScalewayProvider};
 use crate::provider::{
@@ -75,7 +75,7 @@ impl ProviderArgs {
     /// Opens the Scaleway provider with the scw CLI's configuration
     /// (`~/.config/scw/config.yaml` and the `SCW_*` variables).
     pub fn open_scaleway(&self) -> Result<ScalewayProvider> {
-        let config = crate::scaleway::Config::load()
+        let config = crate::provider::scaleway::Config::load()
             .context("read the Scaleway configuration (as the scw CLI does)")?;
         let options = ScalewayOptions {
             commercial_type: self.scw_commercial_type.clone(),
@@ -218,7 +218,7 @@ pub enum ImageCommand {
         #[arg(long)]
         with_snapshot: bool,
     },
-    /// Write the image's disk to a file (local provider).
+    /// Write the image's disk to a file (local provider only).
     Export {
         image: String,
         #[arg(short, long)]
@@ -442,6 +442,20 @@ pub fn run_image(command: ImageCommand, provider: &ProviderArgs, json: bool) -> 
         format,
     } = command
     {
+        // Only the local provider's images are files on this machine; the
+        // check comes before any provider is opened.
+        match provider.provider {
+            ProviderName::Local => {}
+            // imgforge's Scaleway snapshots are of l_ssd volumes (Instance
+            // API); Block Storage snapshots have their own export.
+            ProviderName::Scaleway => bail!(
+                "image export reads the local provider's images; a Scaleway image cannot be \
+                 exported here: create a server from it, or export its snapshot to Object \
+                 Storage as QCOW2 (`scw instance snapshot export` for the l_ssd snapshots \
+                 imgforge makes, `scw block snapshot export-to-object-storage` for Block \
+                 Storage snapshots)"
+            ),
+        }
         let local = provider.open_local()?;
         return rt.block_on(async {
             let image = find_image(&local, &image).await?;

@@ -191,8 +191,8 @@ mod tests {
         for what in [
             "qemu-img",
             "qemu-system-x86_64",
-            crate::qemu::OVMF_CODE,
-            crate::qemu::OVMF_VARS,
+            crate::provider::local::qemu::OVMF_CODE,
+            crate::provider::local::qemu::OVMF_VARS,
             "grub-mkimage",
             crate::bootscript::GRUB_X86_64_EFI_DIR,
             "apt-get",

@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use host::accel::{self, AccelChoice, GuestStage};
-use host::qemu::Accel;
+use host::provider::local::accel::{self, AccelChoice, GuestStage};
+use host::provider::local::qemu::Accel;
 
 fn qemu_available() -> bool {
     std::process::Command::new("qemu-system-x86_64")

@@ -22,7 +22,7 @@ use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use host::qemu::{self, Accel, BootscriptVm, GuestForward, UserNet};
+use host::provider::local::qemu::{self, Accel, BootscriptVm, GuestForward, UserNet};
 use tests::http_fixture::{FileSource, HttpFixture};
 use tests::{agent_bin, guest_url, imgforge_bin, target_dir, ARTIFACTS_GUEST};
 

@@ -291,7 +291,7 @@ fn timed(cmd: &mut Command, dir: &Path, what: &str) -> Result<(f64, String)> {
         let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
         bail!(
             "{what} failed ({status}); its stderr ends with:\n{}",
-            host::qemu::tail(&stderr, 30)
+            host::provider::local::qemu::tail(&stderr, 30)
         );
     }
     Ok((seconds, stdout))

@@ -140,7 +140,7 @@
 //!   127.0.0.1). [`FakeScaleway::set_state_detail`] plays the guest's
 //!   `PATCH /state`.
 //! * The guest's metadata API: `let md = fake.serve_metadata(&id).await;`
-//!   binds `127.0.0.1:0` and serves `host::metadata_server::router` (the
+//!   binds `127.0.0.1:0` and serves `host::provider::local::metadata_server::router` (the
 //!   same router as the local provider's) over the fake's record of that
 //!   server, looked up on every request: `GET /conf[?format=json]` (id, name,
 //!   hostname, tags, state, state_detail, public_ip, volumes, bootscript,
@@ -173,7 +173,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap, Method, Request, Response, StatusCode};
-use host::metadata_server::{MetadataStore, ServerMetadata, VolumeMetadata};
+use host::provider::local::metadata_server::{MetadataStore, ServerMetadata, VolumeMetadata};
 use serde_json::{json, Map, Value};
 use tokio::task::JoinHandle;
 
@@ -603,7 +603,7 @@ impl FakeScaleway {
     /// Serves the instance metadata API (reference §4) of server
     /// `server_id` on `127.0.0.1:<ephemeral>`, for a test that plays the
     /// guest: `http://{addr}/conf?format=json` is what the guest would read
-    /// at `169.254.42.42`. It is `host::metadata_server::router` over the
+    /// at `169.254.42.42`. It is `host::provider::local::metadata_server::router` over the
     /// fake's own server record, looked up on every request: tag, user data
     /// and state changes made through the Instance API show at once, and
     /// the guest's `PATCH /state` and `user_data` writes show in the
@@ -625,7 +625,7 @@ impl FakeScaleway {
             .await
             .expect("bind the fake metadata API");
         let addr = listener.local_addr().unwrap();
-        let app = host::metadata_server::router(store);
+        let app = host::provider::local::metadata_server::router(store);
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });

@@ -14,8 +14,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use contract::DoneLine;
 use host::done_signal;
-use host::metadata_server::{MetadataServer, ServerMetadata};
-use host::qemu::{self, Accel, BootscriptVm, GuestForward, PortForward, UserNet, Vm};
+use host::provider::local::metadata_server::{MetadataServer, ServerMetadata};
+use host::provider::local::qemu::{
+    self, Accel, BootscriptVm, GuestForward, PortForward, UserNet, Vm,
+};
 
 /// The workspace's root directory.
 pub fn workspace_root() -> PathBuf {

@@ -156,6 +156,42 @@ fn an_interrupted_rootfs_build_leaves_no_partial_output() {
 }
 
 #[test]
+fn image_export_refuses_the_scaleway_provider() {
+    // The local provider's home stays empty: it is not opened for a
+    // Scaleway image.
+    let home = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let output = out_dir.path().join("x.qcow2");
+    let out = Command::new(imgforge_bin())
+        .args(["image", "export", "SOMEID", "--format", "qcow2", "-o"])
+        .arg(&output)
+        .args(["--provider", "scaleway"])
+        .env("IMGFORGE_HOME", home.path())
+        // Dummy credentials and a closed API port: the refusal comes before
+        // any Scaleway call, whatever the configuration.
+        .env("SCW_ACCESS_KEY", "SCWXXXXXXXXXXXXXXXXX")
+        .env("SCW_SECRET_KEY", "11111111-1111-1111-1111-111111111111")
+        .env(
+            "SCW_DEFAULT_PROJECT_ID",
+            "11111111-1111-1111-1111-111111111111",
+        )
+        .env("SCW_API_URL", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("image export reads the local provider's images")
+            && err.contains("a Scaleway image cannot be exported here")
+            && err.contains("scw instance snapshot export"),
+        "{err}"
+    );
+    assert!(!output.exists());
+    let left: Vec<_> = std::fs::read_dir(home.path()).unwrap().flatten().collect();
+    assert!(left.is_empty(), "the local provider was opened: {left:?}");
+}
+
+#[test]
 fn boot_refuses_a_missing_file_and_times_out_on_a_blank_disk() {
     let out = Command::new(imgforge_bin())
         .args(["boot", "/nonexistent/disk.raw"])

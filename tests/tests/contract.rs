@@ -18,7 +18,7 @@ use contract::method::Input;
 use contract::{DoneLine, Method, Stage, StateDetail};
 use host::build::plan::{InputSource, Plan};
 use host::build::Strategy;
-use host::metadata_server::{MetadataServer, ServerMetadata};
+use host::provider::local::metadata_server::{MetadataServer, ServerMetadata};
 use tests::http_fixture::HttpFixture;
 
 /// A raw disk with a GPT and one partition, as sgdisk writes it.
@@ -112,7 +112,9 @@ async fn the_agent_reads_every_key_the_host_sets_and_the_host_reads_what_the_age
     let dir = tempfile::tempdir().unwrap();
     let disk = gpt_disk(dir.path());
     let fixture = HttpFixture::start(vec![("/disk.raw".into(), disk.clone().into())]).unwrap();
-    let done_port = host::qemu::free_loopback_port().unwrap().port();
+    let done_port = host::provider::local::qemu::free_loopback_port()
+        .unwrap()
+        .port();
     let url = format!("http://{}/disk.raw", fixture.addr());
     let tags = host_tags(done_port, &url);
     let volume = dir.path().join("volume.img");
@@ -173,7 +175,9 @@ async fn the_agent_reads_every_key_the_host_sets_and_the_host_reads_what_the_age
 async fn a_failure_reaches_the_host_with_its_stage_and_message() {
     let dir = tempfile::tempdir().unwrap();
     let fixture = HttpFixture::start(vec![]).unwrap();
-    let done_port = host::qemu::free_loopback_port().unwrap().port();
+    let done_port = host::provider::local::qemu::free_loopback_port()
+        .unwrap()
+        .port();
     let url = format!("http://{}/missing.qcow2", fixture.addr());
     let tags = host_tags(done_port, &url);
     let volume = dir.path().join("volume.img");

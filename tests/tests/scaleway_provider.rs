@@ -7,9 +7,9 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use host::provider::scaleway::{Client, ClientOptions, Config, RetryPolicy, SecretKey};
 use host::provider::scaleway::{ScalewayOptions, ScalewayProvider};
 use host::provider::{Boot, Provider, ServerSpec, ServerState, VolumeSpec};
-use host::scaleway::{Client, ClientOptions, Config, RetryPolicy, SecretKey};
 use tests::fake_scaleway::{call_sequence, FakeScaleway};
 
 const GB: u64 = 1_000_000_000;

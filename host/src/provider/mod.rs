@@ -132,10 +132,6 @@ pub struct Image {
     pub created_at: String,
 }
 
-/// Servers, volumes, snapshots and images of one provider.
-///
-/// Every call is one request to the provider; nothing waits for a guest.
-/// `stop_server` returns once the server is stopped.
 /// What a provider's servers can do, for the choices of `imgforge build`
 /// (instead of comparing provider names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,6 +148,10 @@ pub struct Capabilities {
     pub forwards_to_host: bool,
 }
 
+/// Servers, volumes, snapshots and images of one provider.
+///
+/// Every call is one request to the provider; nothing waits for a guest.
+/// `stop_server` returns once the server is stopped.
 #[async_trait::async_trait]
 pub trait Provider: Send + Sync {
     /// `local` or `scaleway`.

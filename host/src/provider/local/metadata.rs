@@ -18,11 +18,11 @@ use anyhow::{Context, Result};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 
+use super::metadata_server::{self, MetadataStore, ServerMetadata, SshPublicKey, VolumeMetadata};
+use super::qemu;
 use super::records::ServerRecord;
 use super::store::{Kind, Store};
-use crate::metadata_server::{self, MetadataStore, ServerMetadata, SshPublicKey, VolumeMetadata};
 use crate::provider::Volume;
-use crate::qemu;
 
 /// The hidden subcommand QEMU runs per metadata connection.
 pub const SUBCOMMAND: &str = "local-metadata";
@@ -150,7 +150,7 @@ impl MetadataStore for RecordMetadata {
 pub async fn serve_stdio(args: LocalMetadataArgs) -> Result<()> {
     let store = Store::open(&args.home)?;
     let backend: Arc<dyn MetadataStore> = Arc::new(RecordMetadata::new(store, args.server));
-    let io = tokio::io::join(crate::guestfwd::stdin_reader(), tokio::io::stdout());
+    let io = tokio::io::join(super::guestfwd::stdin_reader(), tokio::io::stdout());
     let service = TowerToHyperService::new(metadata_server::router(backend));
     hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(io), service)

@@ -7,8 +7,12 @@
 //! host services its spec lists (at [`HOST_SERVICES_GUEST_IP`], same port);
 //! the host reaches the exposed guest ports on loopback.
 
+pub mod accel;
+pub mod guestfwd;
 pub mod machine;
 pub mod metadata;
+pub mod metadata_server;
+pub mod qemu;
 pub mod records;
 pub mod store;
 
@@ -22,15 +26,15 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use tracing::{debug, info, warn};
 
+use self::accel::AccelChoice;
 use self::machine::MachineFiles;
+use self::qemu::{Accel, GuestCommand, GuestForward, PortForward, UserNet};
 use self::records::{Runtime, ServerRecord};
 use self::store::{new_id, Kind, Store};
 use super::{
-    now_rfc3339, Boot, Image, Provider, Server, ServerSpec, ServerState, Snapshot, Volume,
-    VolumeSpec,
+    now_rfc3339, Boot, Capabilities, Image, Provider, Server, ServerSpec, ServerState, Snapshot,
+    Volume, VolumeSpec,
 };
-use crate::accel::AccelChoice;
-use crate::qemu::{self, Accel, GuestCommand, GuestForward, PortForward, UserNet};
 use crate::tools::RunTool;
 
 /// Where a server reaches the host services of its spec.
@@ -388,7 +392,7 @@ impl LocalProvider {
 
     fn start_server_blocking(&self, id: &str) -> Result<Server> {
         // Before the lock: a first KVM probe takes seconds.
-        let accel = crate::accel::resolve(self.accel)?;
+        let accel = accel::resolve(self.accel)?;
         let locked = self.store.lock()?;
         let mut record: ServerRecord = locked.read(Kind::Server, id)?;
         self.refresh(&mut record);
@@ -542,8 +546,11 @@ impl Provider for LocalProvider {
         "local"
     }
 
-    fn capabilities(&self) -> super::Capabilities {
-        super::Capabilities {
+    /// Servers are QEMU processes booting bootscript directories of this
+    /// machine, reaching its loopback through guest forwards; no cloud
+    /// images to start a helper server from.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
             local_bootscripts: true,
             helper_servers: false,
             forwards_to_host: true,
@@ -824,10 +831,24 @@ mod tests {
         found
     }
 
+    #[test]
+    fn capabilities_local_bootscripts_and_forwards() {
+        let home = tempfile::tempdir().unwrap();
+        let provider = LocalProvider::open(home.path(), AccelChoice::Tcg).unwrap();
+        assert_eq!(
+            provider.capabilities(),
+            Capabilities {
+                local_bootscripts: true,
+                helper_servers: false,
+                forwards_to_host: true,
+            }
+        );
+    }
+
     #[tokio::test]
     async fn a_server_that_cannot_be_made_leaves_no_record_or_file() {
         let home = tempfile::tempdir().unwrap();
-        let provider = LocalProvider::open(home.path(), crate::accel::AccelChoice::Tcg).unwrap();
+        let provider = LocalProvider::open(home.path(), AccelChoice::Tcg).unwrap();
         let before = files_under(home.path());
         // The first volume is made, the second is refused.
         let spec = ServerSpec {

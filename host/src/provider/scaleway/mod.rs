@@ -1,6 +1,16 @@
 //! The Scaleway provider: the [`Provider`] vocabulary over Scaleway's
-//! Instance API v1, through [`crate::scaleway::Client`] (which does the
-//! retries on 429/5xx, the checked creations and the state polling).
+//! Instance API v1, and the API client it goes through:
+//!
+//! * [`config`]: credentials and defaults, read as the `scw` CLI reads them;
+//! * [`client`]: the HTTP layer ([`Client`]), which rides out rate limits and
+//!   transient failures (retries on 429/5xx) without duplicating creations
+//!   (checked creations);
+//! * [`api`]: the typed calls the provider needs (servers, volumes,
+//!   snapshots, images, user data) plus waiters that poll their states. Its
+//!   types keep the API's names (`api::Server`, `api::Volume`…), so they are
+//!   not re-exported here beside the trait's.
+//!
+//! API facts come from `shared/reference/scaleway-api.md` (sections 1 and 2).
 //!
 //! How the trait maps onto the API:
 //!
@@ -28,6 +38,16 @@
 //!   the server. There is no serial console over the API, so `console_tail`
 //!   is `None`.
 
+pub mod api;
+pub mod client;
+pub mod config;
+
+#[cfg(test)]
+mod client_tests;
+
+pub use client::{ApiError, Client, ClientOptions, Error, RetryPolicy};
+pub use config::{Config, ConfigError, SecretKey};
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -35,11 +55,13 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use tracing::{info, warn};
 
-use super::{Boot, Image, Provider, Server, ServerSpec, ServerState, Snapshot, Volume, VolumeSpec};
-use crate::scaleway::api::{
-    CreateImageRequest, CreateServerRequest, CreateSnapshotRequest, VolumeTemplate,
+use self::api::{
+    CreateImageRequest, CreateServerRequest, CreateSnapshotRequest, ServerAction, VolumeTemplate,
 };
-use crate::scaleway::{self as scw, Client, Config, ServerAction};
+use super::{
+    Boot, Capabilities, Image, Provider, Server, ServerSpec, ServerState, Snapshot, Volume,
+    VolumeSpec,
+};
 
 /// The tag on every server this provider creates; `list_servers` lists by it.
 pub const MARKER_TAG: &str = "imgforge";
@@ -118,7 +140,7 @@ impl ScalewayProvider {
     }
 
     /// The server, refusing states this provider cannot work with.
-    async fn read_server(&self, id: &str) -> Result<scw::Server> {
+    async fn read_server(&self, id: &str) -> Result<api::Server> {
         let server = self
             .client
             .get_server(id)
@@ -128,7 +150,7 @@ impl ScalewayProvider {
         Ok(server)
     }
 
-    async fn wait_for(&self, id: &str, wanted: &[scw::ServerState]) -> Result<scw::Server> {
+    async fn wait_for(&self, id: &str, wanted: &[api::ServerState]) -> Result<api::Server> {
         let server = self
             .client
             .wait_for_server_state(id, wanted, self.options.server_timeout)
@@ -159,13 +181,13 @@ impl ScalewayProvider {
 
 /// A server's state in the trait's terms; `locked` and states this provider
 /// does not know are errors.
-fn server_state(server: &scw::Server) -> Result<ServerState> {
+fn server_state(server: &api::Server) -> Result<ServerState> {
     Ok(match &server.state {
-        scw::ServerState::Starting => ServerState::Starting,
-        scw::ServerState::Running => ServerState::Running,
-        scw::ServerState::Stopping => ServerState::Stopping,
-        scw::ServerState::Stopped | scw::ServerState::StoppedInPlace => ServerState::Stopped,
-        scw::ServerState::Locked => bail!(
+        api::ServerState::Starting => ServerState::Starting,
+        api::ServerState::Running => ServerState::Running,
+        api::ServerState::Stopping => ServerState::Stopping,
+        api::ServerState::Stopped | api::ServerState::StoppedInPlace => ServerState::Stopped,
+        api::ServerState::Locked => bail!(
             "server {} ({}) is locked by Scaleway{}: nothing can be done with it until \
              Scaleway unlocks it (see the console or ask their support)",
             server.name,
@@ -177,7 +199,7 @@ fn server_state(server: &scw::Server) -> Result<ServerState> {
                 .map(|d| format!(" ({d})"))
                 .unwrap_or_default()
         ),
-        scw::ServerState::Other(state) => bail!(
+        api::ServerState::Other(state) => bail!(
             "server {} ({}) is in state {state:?}, which imgforge does not know",
             server.name,
             server.id
@@ -185,10 +207,10 @@ fn server_state(server: &scw::Server) -> Result<ServerState> {
     })
 }
 
-fn is_stopped(state: &scw::ServerState) -> bool {
+fn is_stopped(state: &api::ServerState) -> bool {
     matches!(
         state,
-        scw::ServerState::Stopped | scw::ServerState::StoppedInPlace
+        api::ServerState::Stopped | api::ServerState::StoppedInPlace
     )
 }
 
@@ -224,7 +246,7 @@ fn server_tags(tags: &[String], exposed: &[u16]) -> Vec<String> {
     all
 }
 
-fn to_server(server: &scw::Server) -> Result<Server> {
+fn to_server(server: &api::Server) -> Result<Server> {
     let state = server_state(server)?;
     let mut volumes: Vec<(u32, String)> = server
         .volumes
@@ -264,7 +286,7 @@ fn to_server(server: &scw::Server) -> Result<Server> {
     })
 }
 
-fn to_volume(volume: scw::Volume) -> Volume {
+fn to_volume(volume: api::Volume) -> Volume {
     Volume {
         id: volume.id,
         name: volume.name,
@@ -274,7 +296,7 @@ fn to_volume(volume: scw::Volume) -> Volume {
     }
 }
 
-fn to_snapshot(snapshot: scw::Snapshot) -> Snapshot {
+fn to_snapshot(snapshot: api::Snapshot) -> Snapshot {
     Snapshot {
         id: snapshot.id,
         name: snapshot.name,
@@ -284,7 +306,7 @@ fn to_snapshot(snapshot: scw::Snapshot) -> Snapshot {
     }
 }
 
-fn to_image(image: scw::Image) -> Image {
+fn to_image(image: api::Image) -> Image {
     Image {
         id: image.id,
         name: image.name,
@@ -309,7 +331,7 @@ fn unique_name(name: &str) -> String {
 }
 
 /// Whether the API's refusal is about the bootscript boot.
-fn is_bootscript_refusal(error: &scw::Error) -> bool {
+fn is_bootscript_refusal(error: &client::Error) -> bool {
     let Some(api) = error.api_error() else {
         return false;
     };
@@ -348,8 +370,10 @@ impl Provider for ScalewayProvider {
         "scaleway"
     }
 
-    fn capabilities(&self) -> super::Capabilities {
-        super::Capabilities {
+    /// Servers start from stock images with cloud-init user data (Scaleway
+    /// removed bootscripts) and reach this machine over the internet only.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
             local_bootscripts: false,
             helper_servers: true,
             forwards_to_host: false,
@@ -488,11 +512,11 @@ impl Provider for ScalewayProvider {
 
     async fn start_server(&self, id: &str) -> Result<Server> {
         let mut server = self.read_server(id).await?;
-        if server.state == scw::ServerState::Stopping {
+        if server.state == api::ServerState::Stopping {
             server = self
                 .wait_for(
                     id,
-                    &[scw::ServerState::Stopped, scw::ServerState::StoppedInPlace],
+                    &[api::ServerState::Stopped, api::ServerState::StoppedInPlace],
                 )
                 .await?;
         }
@@ -503,7 +527,7 @@ impl Provider for ScalewayProvider {
                 .with_context(|| format!("power on server {id}"))?;
         }
         let server = self
-            .wait_for(id, &[scw::ServerState::Running])
+            .wait_for(id, &[api::ServerState::Running])
             .await
             .with_context(|| format!("start server {id}"))?;
         to_server(&server)
@@ -514,10 +538,10 @@ impl Provider for ScalewayProvider {
         if is_stopped(&server.state) {
             return to_server(&server);
         }
-        if server.state == scw::ServerState::Starting {
-            server = self.wait_for(id, &[scw::ServerState::Running]).await?;
+        if server.state == api::ServerState::Starting {
+            server = self.wait_for(id, &[api::ServerState::Running]).await?;
         }
-        if server.state == scw::ServerState::Running {
+        if server.state == api::ServerState::Running {
             self.client
                 .server_action(id, ServerAction::PowerOff)
                 .await
@@ -526,7 +550,7 @@ impl Provider for ScalewayProvider {
         let server = self
             .wait_for(
                 id,
-                &[scw::ServerState::Stopped, scw::ServerState::StoppedInPlace],
+                &[api::ServerState::Stopped, api::ServerState::StoppedInPlace],
             )
             .await
             .with_context(|| format!("stop server {id}"))?;
@@ -589,7 +613,7 @@ impl Provider for ScalewayProvider {
     }
 
     async fn list_volumes(&self) -> Result<Vec<Volume>> {
-        let volumes: Vec<scw::Volume> = self.list_in_project("volumes").await?;
+        let volumes: Vec<api::Volume> = self.list_in_project("volumes").await?;
         let mut volumes: Vec<Volume> = volumes.into_iter().map(to_volume).collect();
         volumes.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         Ok(volumes)
@@ -638,7 +662,7 @@ impl Provider for ScalewayProvider {
     }
 
     async fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
-        let snapshots: Vec<scw::Snapshot> = self.list_in_project("snapshots").await?;
+        let snapshots: Vec<api::Snapshot> = self.list_in_project("snapshots").await?;
         let mut snapshots: Vec<Snapshot> = snapshots.into_iter().map(to_snapshot).collect();
         snapshots.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         Ok(snapshots)
@@ -693,7 +717,7 @@ impl Provider for ScalewayProvider {
     }
 
     async fn list_images(&self) -> Result<Vec<Image>> {
-        let images: Vec<scw::Image> = self.list_in_project("images").await?;
+        let images: Vec<api::Image> = self.list_in_project("images").await?;
         let mut images: Vec<Image> = images.into_iter().map(to_image).collect();
         images.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         Ok(images)
@@ -758,7 +782,7 @@ impl Provider for ScalewayProvider {
                 self.delete_volume(&volume.id).await?;
             }
         }
-        let snapshots: Vec<scw::Snapshot> = self.list_in_project("snapshots").await?;
+        let snapshots: Vec<api::Snapshot> = self.list_in_project("snapshots").await?;
         let used: Vec<String> = self
             .list_images()
             .await?
@@ -806,18 +830,35 @@ mod tests {
         assert_ne!(a, b);
     }
 
-    #[test]
-    fn guest_urls_must_be_public() {
+    /// A provider whose API is a closed port: nothing here sends a request.
+    fn offline_provider() -> ScalewayProvider {
         let config = Config {
             access_key: None,
-            secret_key: scw::SecretKey::new("x"),
+            secret_key: SecretKey::new("x"),
             default_project_id: "p".into(),
             default_zone: "fr-par-1".into(),
             api_url: "http://127.0.0.1:9".into(),
             profile: None,
             config_path: None,
         };
-        let provider = ScalewayProvider::from_config(&config, ScalewayOptions::default()).unwrap();
+        ScalewayProvider::from_config(&config, ScalewayOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn capabilities_helper_servers_only() {
+        assert_eq!(
+            offline_provider().capabilities(),
+            Capabilities {
+                local_bootscripts: false,
+                helper_servers: true,
+                forwards_to_host: false,
+            }
+        );
+    }
+
+    #[test]
+    fn guest_urls_must_be_public() {
+        let provider = offline_provider();
         let public = "http://203.0.113.7:8080/a/rootfs.tar";
         assert_eq!(provider.guest_url(public).unwrap(), public);
         for url in [

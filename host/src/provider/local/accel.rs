@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 
-use crate::qemu::{self, Accel};
+use super::qemu::{self, Accel};
 
 /// The accelerator the user asked for.
 #[derive(

@@ -1,7 +1,7 @@
 //! A Scaleway-format instance metadata server for one server.
 //!
 //! The local QEMU provider runs one of these per build VM and forwards the
-//! guest's `169.254.42.42:80` to it (see [`crate::guestfwd`]); end-to-end tests
+//! guest's `169.254.42.42:80` to it (see [`super::guestfwd`]); end-to-end tests
 //! use it directly. It implements the subset of the metadata API that the
 //! build agent and the usual in-guest tools rely on (reference: scaleway-api.md
 //! §4):

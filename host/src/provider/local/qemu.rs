@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-use crate::guestfwd;
+use super::guestfwd;
 use crate::tools::RunTool;
 
 /// The metadata server's address inside the guest (Scaleway's).

@@ -317,8 +317,8 @@ mod tests {
 
     #[tokio::test]
     async fn http_through_bridge_to_metadata_server() {
-        let meta = crate::metadata_server::ServerMetadata::new("id-1", "vm-1");
-        let server = crate::metadata_server::MetadataServer::start(meta).unwrap();
+        let meta = crate::provider::local::metadata_server::ServerMetadata::new("id-1", "vm-1");
+        let server = crate::provider::local::metadata_server::MetadataServer::start(meta).unwrap();
         let (mut input_w, input_r) = tokio::io::duplex(1024);
         let (output_w, mut output_r) = tokio::io::duplex(1024);
         let bridge_task = tokio::spawn(bridge(input_r, output_w, server.addr()));
@@ -394,7 +394,7 @@ mod tests {
 
         let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
             .args([
-                "guestfwd::tests::stdio_child",
+                "provider::local::guestfwd::tests::stdio_child",
                 "--exact",
                 "--ignored",
                 "--nocapture",
