@@ -272,7 +272,7 @@ pub fn inspect_disk(path: &Path, max_files: usize) -> Result<Report> {
         if kind != FilesystemKind::Unknown {
             debug!(?kind, "{shown}: filesystem on the whole disk");
             report.whole_disk = Some(read_filesystem(whole_disk, kind, max_files, &mut |w| {
-                report.warnings.push(format!("whole disk: {w}"))
+                report.warnings.push(format!("whole disk: {w}"));
             }));
         } else if let Some(table) = mbr_partition_table(&head) {
             bail!(
@@ -452,7 +452,7 @@ fn read_gpt(image: &File, sector_size: u64, max_files: usize, report: &mut Repor
         let kind = detect_filesystem(&range);
         let warnings = &mut report.warnings;
         let filesystem = read_filesystem(range, kind, max_files, &mut |w| {
-            warnings.push(format!("partition {number}: {w}"))
+            warnings.push(format!("partition {number}: {w}"));
         });
         report.partitions.push(PartitionReport {
             number,

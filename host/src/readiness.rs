@@ -249,7 +249,7 @@ pub fn assess(view: &dyn RootView) -> Readiness {
             "empty it (`: > /etc/machine-id`); systemd makes one at first boot",
         ),
         Some(id) if id.is_empty() || id == "uninitialized" => {
-            r.present.push("machine-id made at first boot".into())
+            r.present.push("machine-id made at first boot".into());
         }
         Some(id) => r.defect(
             format!("/etc/machine-id holds {id:?}, not an id"),

@@ -25,6 +25,8 @@ fn set_mtime(path: &Path, secs: i64) {
         tv_nsec: 0,
     };
     let times = [t, t];
+    // SAFETY: `c` is a NUL-terminated path and `times` two timespecs, both
+    // alive for the call, which only reads them.
     let r = unsafe {
         libc::utimensat(
             libc::AT_FDCWD,
@@ -46,6 +48,7 @@ fn chmod(path: &Path, mode: u32) {
 
 fn mknod(path: &Path, kind: libc::mode_t, mode: u32, major: u32, minor: u32) {
     let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: `c` is a NUL-terminated path alive for the call, which only reads it.
     let r = unsafe { libc::mknod(c.as_ptr(), kind | mode, libc::makedev(major, minor)) };
     assert_eq!(r, 0, "mknod {}", path.display());
 }

@@ -37,7 +37,7 @@ pub enum Installed {
     InitrdImage { kernel: String },
 }
 
-pub fn install(t: &BootTarget) -> Result<Installed> {
+pub fn install(t: &BootTarget<'_>) -> Result<Installed> {
     let kernels = find_kernels(t.root)?;
     if kernels.is_empty() {
         bail!(
@@ -132,7 +132,7 @@ fn initrd_for(root: &Path, kernel: &str) -> Option<String> {
         .find(|c| root.join("boot").join(c).is_file())
 }
 
-fn install_initrd_image(t: &BootTarget, kernel: &str) -> Result<()> {
+fn install_initrd_image(t: &BootTarget<'_>, kernel: &str) -> Result<()> {
     let image = std::fs::read(INITRD_GRUB_EFI).with_context(|| {
         format!(
             "the rootfs has no grub-install and this initrd carries no GRUB EFI image at \
@@ -149,7 +149,7 @@ fn install_initrd_image(t: &BootTarget, kernel: &str) -> Result<()> {
     Ok(())
 }
 
-fn grub_cfg(t: &BootTarget, kernel: &str, initrd: Option<&str>) -> String {
+fn grub_cfg(t: &BootTarget<'_>, kernel: &str, initrd: Option<&str>) -> String {
     let mut cfg = format!(
         "# Written by imgforge initrd-agent.\n\
          set timeout=1\n\
@@ -172,7 +172,7 @@ fn grub_cfg(t: &BootTarget, kernel: &str, initrd: Option<&str>) -> String {
 /// The original's flow: chroot with /dev, /proc, /sys, the ESP at
 /// /boot/efi, and /dev/disk/by-uuid so grub-mkconfig writes `root=UUID=`
 /// (without udev it would write the build server's device name).
-fn install_from_rootfs(t: &BootTarget, grub_install: &str) -> Result<()> {
+fn install_from_rootfs(t: &BootTarget<'_>, grub_install: &str) -> Result<()> {
     let _links = DiskLinks::create(t)?;
     let mut binds = Vec::new();
     for dir in ["dev", "proc", "sys"] {
@@ -246,7 +246,7 @@ fn run_in_chroot(root: &Path, program: &str, args: &[&str]) -> Result<()> {
 struct DiskLinks(Vec<PathBuf>);
 
 impl DiskLinks {
-    fn create(t: &BootTarget) -> Result<DiskLinks> {
+    fn create(t: &BootTarget<'_>) -> Result<DiskLinks> {
         let mut links = Vec::new();
         for (dir, id) in [
             ("by-uuid", t.root_fs_uuid),

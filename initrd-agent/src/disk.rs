@@ -65,9 +65,10 @@ impl Volume {
         let (size, sector_size) = if is_block_device {
             let mut size = 0u64;
             let mut ssz: libc::c_int = 0;
-            // SAFETY: both ioctls write one integer of the given type.
+            // SAFETY: BLKGETSIZE64 writes one u64 into `size`.
             unsafe { blk_getsize64(file.as_raw_fd(), &mut size) }
                 .with_context(|| format!("read the size of {}", path.display()))?;
+            // SAFETY: BLKSSZGET writes one c_int into `ssz`.
             unsafe { blk_sszget(file.as_raw_fd(), &mut ssz) }
                 .with_context(|| format!("read the sector size of {}", path.display()))?;
             (size, ssz as u64)

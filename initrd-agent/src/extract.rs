@@ -606,9 +606,8 @@ impl Extractor<'_> {
             Kind::Dir => self.directory(rel, &dst, meta)?,
             Kind::File => {
                 self.make_room(&rel, &dst)?;
-                let file = match entry.unpack(&dst)? {
-                    tar::Unpacked::File(f) => f,
-                    _ => bail!("the tar crate did not write it as a regular file"),
+                let tar::Unpacked::File(file) = entry.unpack(&dst)? else {
+                    bail!("the tar crate did not write it as a regular file");
                 };
                 apply_to_file(&file, &meta)?;
                 self.summary.files += 1;
@@ -732,7 +731,7 @@ impl Extractor<'_> {
                     fs::create_dir(dst).context("cannot create the directory")?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::create_dir(dst).context("cannot create the directory")?
+                    fs::create_dir(dst).context("cannot create the directory")?;
                 }
                 Err(e) => return Err(e).context("cannot examine the existing file"),
             }

@@ -843,9 +843,9 @@ impl<R: Read> Read for Labelled<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ::tests::http_fixture::HttpFixture;
     use std::io::Write;
     use std::time::Instant;
+    use test_support::http_fixture::HttpFixture;
 
     /// Short waits so that the whole module stays fast.
     fn opts() -> FetchOptions {

@@ -163,10 +163,10 @@ fn supervise(worker: Pid, cmdline: &Cmdline) -> ! {
     loop {
         match waitpid(None, None) {
             Ok(WaitStatus::Exited(pid, code)) if pid == worker => {
-                worker_died(cmdline, format!("exited with status {code}"))
+                worker_died(cmdline, format!("exited with status {code}"));
             }
             Ok(WaitStatus::Signaled(pid, sig, _)) if pid == worker => {
-                worker_died(cmdline, format!("was killed by {sig}"))
+                worker_died(cmdline, format!("was killed by {sig}"));
             }
             Ok(_) => {}
             Err(Errno::ECHILD) => std::thread::sleep(std::time::Duration::from_secs(1)),

@@ -394,7 +394,7 @@ mod tests {
             |a| a.add_dir("/tmp", 0o1777).unwrap(),
             |a| {
                 a.add_file("init", 0o755, b"#!/bin/sh\necho hi\n".to_vec())
-                    .unwrap()
+                    .unwrap();
             },
             |a| a.add_symlink("bin/sh", "busybox").unwrap(),
             |a| a.add_char_device("/dev/console", 0o600, 5, 1).unwrap(),

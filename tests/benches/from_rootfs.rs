@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use host::provider::local::qemu::{self, Accel, BootscriptVm, GuestForward, UserNet};
-use tests::http_fixture::{FileSource, HttpFixture};
+use test_support::http_fixture::{FileSource, HttpFixture};
 use tests::{agent_bin, guest_url, imgforge_bin, target_dir, ARTIFACTS_GUEST};
 
 const BIG_BYTES: u64 = 1 << 30;

@@ -3,7 +3,6 @@
 //! volume, a metadata server and a done-signal forward.
 
 pub mod fake_scaleway;
-pub mod http_fixture;
 pub mod unix_user;
 
 use std::net::SocketAddr;

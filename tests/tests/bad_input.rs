@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use tests::http_fixture::HttpFixture;
+use test_support::http_fixture::HttpFixture;
 use tests::{busybox_rootfs_tar_gz, guest_url, BuildServer};
 
 /// Boots a build server for `method` on `url` and expects a failure whose

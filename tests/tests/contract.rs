@@ -19,7 +19,7 @@ use contract::{DoneLine, Method, Stage, StateDetail};
 use host::build::plan::{InputSource, Plan};
 use host::build::Strategy;
 use host::provider::local::metadata_server::{MetadataServer, ServerMetadata};
-use tests::http_fixture::HttpFixture;
+use test_support::http_fixture::HttpFixture;
 
 /// A raw disk with a GPT and one partition, as sgdisk writes it.
 fn gpt_disk(dir: &Path) -> Vec<u8> {

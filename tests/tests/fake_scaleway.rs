@@ -188,7 +188,7 @@ async fn create_and_poweron_reaches_running() {
     api.fake.on_poweron(move |s| {
         s2.lock()
             .unwrap()
-            .push(s.tag("build_method").map(String::from))
+            .push(s.tag("build_method").map(String::from));
     });
 
     let resp = api

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use tests::http_fixture::HttpFixture;
+use test_support::http_fixture::HttpFixture;
 use tests::{boot_uefi, busybox_rootfs_tar_gz, guest_url, judge, slice_to_file, BuildServer};
 use tokio::sync::OnceCell;
 

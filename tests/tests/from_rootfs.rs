@@ -7,8 +7,7 @@ use std::ffi::OsStr;
 use std::time::Duration;
 
 use contract::{LayoutEntry, Method};
-
-use tests::http_fixture::HttpFixture;
+use test_support::http_fixture::HttpFixture;
 use tests::{boot_uefi, busybox_rootfs_tar_gz, guest_url, judge, slice_to_file, BuildServer};
 
 const BUILD_TIMEOUT: Duration = Duration::from_secs(240);

@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tests::http_fixture::HttpFixture;
+use test_support::http_fixture::HttpFixture;
 use tests::{bootscript_dir, busybox_rootfs_tar_gz, judge, LocalHome};
 
 fn bootscript_arg() -> String {

@@ -130,8 +130,7 @@ pub fn command(suite: &str, arch: &str, opts: &DebianOptions) -> Result<Command>
     // Root mode needs root; unshare mode needs user namespaces (see unshare.rs).
     let mode = if root_mode() { "root" } else { "unshare" };
     let grub_hook = format!(
-        "mkdir -p \"$1/etc/default/grub.d\" && printf '%s' '{}' > \"$1/etc/default/grub.d/50-imgforge-serial.cfg\"",
-        GRUB_SERIAL_CFG
+        "mkdir -p \"$1/etc/default/grub.d\" && printf '%s' '{GRUB_SERIAL_CFG}' > \"$1/etc/default/grub.d/50-imgforge-serial.cfg\""
     );
     let hostname_hook = format!("echo '{}' > \"$1/etc/hostname\"", opts.hostname);
     let mut cmd = Command::new("mmdebstrap");

@@ -125,7 +125,7 @@ impl<R: Read> TarReader<R> {
                         b'x' => {
                             pax.extend(formats::pax::parse_records(&data).with_context(|| {
                                 format!("the pax header at byte {at} is malformed")
-                            })?)
+                            })?);
                         }
                         // Global pax headers (rare in root filesystems) are
                         // not applied.

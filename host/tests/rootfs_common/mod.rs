@@ -26,6 +26,7 @@ pub fn file_sha256(path: &Path) -> String {
 }
 
 pub fn is_root() -> bool {
+    // SAFETY: geteuid(2) takes no argument and always succeeds.
     unsafe { libc::geteuid() == 0 }
 }
 

@@ -242,9 +242,8 @@ async fn serve_connection(stream: TcpStream, state: Arc<State>) {
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
     loop {
-        let request = match read_request(&mut read).await {
-            Ok(Some(r)) => r,
-            Ok(None) | Err(_) => return,
+        let Ok(Some(request)) = read_request(&mut read).await else {
+            return;
         };
         match respond(&mut write, &request, &state).await {
             Ok(true) if request.keep_alive => {}
@@ -370,9 +369,8 @@ async fn respond<W: tokio::io::AsyncWrite + Unpin>(
     let Some((source, etag)) = served else {
         return simple(write, 404, "Not Found", &[], head_only).await;
     };
-    let (len, etag, last_modified) = match describe(&source, etag).await {
-        Ok(d) => d,
-        Err(_) => return simple(write, 404, "Not Found", &[], head_only).await,
+    let Ok((len, etag, last_modified)) = describe(&source, etag).await else {
+        return simple(write, 404, "Not Found", &[], head_only).await;
     };
 
     // A Range counts only when ranges are on and If-Range (if any) still
