@@ -3,7 +3,7 @@
 //!
 //! | module | job |
 //! |---|---|
-//! | [`build`] | `imgforge build`: the pipeline from a rootfs to an image |
+//! | [`build`] | `imgforge build`: a pure [`plan`](build::plan) (strategy, input, tags), then the build server's lifecycle |
 //! | [`provider`] | the `Provider` trait; `local/` (QEMU, state store, metadata) and `scaleway/` |
 //! | [`local::qemu`](provider::local::qemu), [`accel`](provider::local::accel), [`guestfwd`](provider::local::guestfwd), [`metadata_server`](provider::local::metadata_server) | QEMU command lines, KVM or TCG, guest forwards, the Scaleway-format metadata API |
 //! | [`scaleway::api`](provider::scaleway::api), [`client`](provider::scaleway::client), [`config`](provider::scaleway::config) | Scaleway API client and configuration |
@@ -11,7 +11,10 @@
 //! | [`rootfs`] | `imgforge rootfs`: sources to a normalised tarball (`debian:` profiles) |
 //! | [`bootscript`], [`kernel`] | the image-creation initrd and its kernel from Debian |
 //! | [`serve`] | the artifact server build servers download from |
-//! | [`done_signal`], [`helper_script`] | the agent's done line; the helper server's cloud-init script |
+//! | [`done_signal`], [`helper_script`] | polling the agent's done line; the helper server's cloud-init script |
+//!
+//! What crosses to the agent (parameters, `state_detail`, the done line) is
+//! defined in the `contract` crate; byte formats both read, in `formats`.
 //! | [`boot`], [`server_test`], [`ssh`] | boot tests: console (`boot`), SSH login and cloud-init (`boot --ssh`), `server ssh` |
 //! | [`inspect`], [`readiness`] | offline disk inspection; what a root filesystem lacks as a server |
 //! | [`tools`], [`size`], [`interrupt`] | external tools and their install commands; sizes; Ctrl-C cleanup |

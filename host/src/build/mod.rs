@@ -26,7 +26,7 @@
 //! ([`Provider::cleanup_builds`]).
 
 //!
-//! The module's parts: [`plan`] decides (pure, unit-tested), [`lifecycle`]
+//! The module's parts: [`plan`] decides (pure, unit-tested), `lifecycle`
 //! creates, follows and removes the build server.
 
 mod lifecycle;
