@@ -42,6 +42,8 @@ pub const HELPER_DONE_PORT: u16 = 8022;
 /// The metadata service's address, Scaleway's; the local provider answers
 /// at the same address inside its servers.
 pub const METADATA_ADDRESS: &str = "169.254.42.42";
+/// [`METADATA_ADDRESS`] as an address.
+pub const METADATA_IPV4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 42, 42);
 
 /// One parameter the agent knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,6 +190,7 @@ mod tests {
             Some(INITRD_DONE_PORT.to_string().as_str())
         );
         assert_eq!(default_of(METADATA_IP), Some(METADATA_ADDRESS));
+        assert_eq!(METADATA_ADDRESS.parse(), Ok(METADATA_IPV4));
         assert_eq!(default_of(ROOTFS_URL), None);
         for m in crate::Method::ALL {
             assert!(find(m.input().url_key()).is_some());

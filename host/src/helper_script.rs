@@ -20,6 +20,7 @@ pub fn cloud_init(agent_url: &str, agent_sha256: &str, device: &str, build_id: &
     let sha = sh_quote(agent_sha256);
     let device = sh_quote(device);
     let build_id = sh_quote(build_id);
+    let metadata_address = contract::params::METADATA_ADDRESS;
     format!(
         r#"#!/bin/sh
 # imgforge helper build server: fetch initrd-agent, check it, and write the
@@ -30,7 +31,7 @@ url={url}
 sha={sha}
 device={device}
 volume="${{IMGFORGE_VOLUME:-$device}}"
-metadata="${{METADATA_IP:-169.254.42.42}}"
+metadata="${{METADATA_IP:-{metadata_address}}}"
 
 report() {{
     curl -fsS -m 10 -X PATCH -H 'Content-Type: application/json' \

@@ -16,7 +16,7 @@ use super::guestfwd;
 use crate::tools::RunTool;
 
 /// The metadata server's address inside the guest (Scaleway's).
-pub const METADATA_GUEST_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 42);
+pub const METADATA_GUEST_IP: Ipv4Addr = contract::params::METADATA_IPV4;
 
 /// The host's side of user networking: the guest's gateway.
 pub const USER_NET_HOST_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 2);
