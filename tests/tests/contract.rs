@@ -42,6 +42,16 @@ fn gpt_disk(dir: &Path) -> Vec<u8> {
     std::fs::read(&path).unwrap()
 }
 
+/// A 16 MiB file for the agent to write (from-qcow2 needs no block device).
+fn blank_volume(dir: &Path) -> std::path::PathBuf {
+    let volume = dir.join("volume.img");
+    std::fs::File::create(&volume)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    volume
+}
+
 /// The host's plan for a from-qcow2 build of `url`, its tags, as
 /// `imgforge build` sets them on the build server.
 fn host_tags(done_port: u16, url: &str) -> Vec<String> {
@@ -117,11 +127,7 @@ async fn the_agent_reads_every_key_the_host_sets_and_the_host_reads_what_the_age
         .port();
     let url = format!("http://{}/disk.raw", fixture.addr());
     let tags = host_tags(done_port, &url);
-    let volume = dir.path().join("volume.img");
-    std::fs::File::create(&volume)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    let volume = blank_volume(dir.path());
 
     let run = run_agent(&tags, done_port, &volume).await;
 
@@ -180,11 +186,7 @@ async fn a_failure_reaches_the_host_with_its_stage_and_message() {
         .port();
     let url = format!("http://{}/missing.qcow2", fixture.addr());
     let tags = host_tags(done_port, &url);
-    let volume = dir.path().join("volume.img");
-    std::fs::File::create(&volume)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    let volume = blank_volume(dir.path());
 
     let run = run_agent(&tags, done_port, &volume).await;
 
