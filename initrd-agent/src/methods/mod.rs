@@ -26,10 +26,8 @@ pub struct BuildContext {
 impl BuildContext {
     /// Reports `building: <stage> <percent>` without waiting for it.
     pub fn report(&self, stage: Stage, percent: u8) {
-        if let Some(md) = self.metadata.clone() {
-            let detail = StateDetail::Building { stage, percent };
-            self.runtime
-                .spawn(async move { md.report_state(&detail).await });
+        if let Some(md) = &self.metadata {
+            md.report_state_later(StateDetail::Building { stage, percent });
         }
     }
 }
