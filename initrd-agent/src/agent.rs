@@ -18,6 +18,7 @@ use crate::metadata::{self, MetadataClient};
 use crate::methods::{self, BuildContext};
 use crate::net::{self, IpConfig};
 use crate::params::{Cmdline, Params};
+use crate::shell;
 use crate::signal;
 use crate::stage::{StageContext, StageError};
 
@@ -121,17 +122,17 @@ async fn initrd_main(cmdline: Cmdline) -> i32 {
         md.set_report_state(!params.flag(NO_SIGNAL_STATE));
     }
     if params.flag(INITRD_PRE_SHELL) {
-        tokio::task::spawn_blocking(|| crate::pid1::debug_shell(INITRD_PRE_SHELL))
+        tokio::task::spawn_blocking(|| shell::debug_shell(INITRD_PRE_SHELL))
             .await
             .ok();
     }
     if let Ok(common) = params.common() {
         // PID 1 signals on this port if the worker dies from here on.
-        std::fs::write(crate::pid1::PORT_FILE, common.signal_port.to_string()).ok();
+        std::fs::write(signal::PORT_FILE, common.signal_port.to_string()).ok();
     }
     let result = build(&params, metadata.as_ref()).await;
     if params.flag(POST_BUILD_SHELL) {
-        tokio::task::spawn_blocking(|| crate::pid1::debug_shell(POST_BUILD_SHELL))
+        tokio::task::spawn_blocking(|| shell::debug_shell(POST_BUILD_SHELL))
             .await
             .ok();
     }

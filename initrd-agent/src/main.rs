@@ -17,6 +17,7 @@ mod net;
 mod params;
 mod pid1;
 mod read_ahead;
+mod shell;
 mod signal;
 mod stage;
 

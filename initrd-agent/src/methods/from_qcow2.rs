@@ -22,8 +22,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use tracing::{info, warn};
 
+use super::context::{BuildContext, BuildMethod, MethodOutcome};
 use super::rootfs_stream::{download_failed, spawn_progress_reporter};
-use super::{BuildContext, BuildMethod, MethodOutcome};
 use crate::disk::{self, GrownGpt, Volume};
 use crate::fetch::{self, FetchOptions};
 use crate::read_ahead::ReadAhead;

@@ -8,8 +8,8 @@ use nix::mount::MsFlags;
 use tracing::info;
 use uuid::Uuid;
 
+use super::context::{BuildContext, BuildMethod, MethodOutcome};
 use super::rootfs_stream::stream_rootfs;
-use super::{BuildContext, BuildMethod, MethodOutcome};
 use crate::bootloader::{self, BootTarget};
 use crate::disk::{self, Partitioned, Volume};
 use crate::fs::{self, Mount};

@@ -2,55 +2,17 @@
 //! `build_method` parameter; each method is one file implementing
 //! [`BuildMethod`], and [`run`] drives the three steps.
 
+mod context;
 mod from_qcow2;
 mod from_rootfs;
 mod rootfs_stream;
 mod unpartitioned_from_rootfs;
 
-use contract::{LayoutEntry, Method, Stage, StateDetail};
+use contract::Method;
 
-use crate::metadata::MetadataClient;
-use crate::params::{CommonParams, Params};
+pub use self::context::BuildContext;
+use self::context::{BuildMethod, MethodOutcome};
 use crate::stage::StageError;
-
-/// What every method gets: the parameters, the async runtime (methods run
-/// on a blocking thread; network I/O and state reports go through the
-/// runtime) and the metadata client for progress reports.
-pub struct BuildContext {
-    pub params: Params,
-    pub common: CommonParams,
-    pub runtime: tokio::runtime::Handle,
-    pub metadata: Option<MetadataClient>,
-}
-
-impl BuildContext {
-    /// Reports `building: <stage> <percent>` without waiting for it.
-    pub fn report(&self, stage: Stage, percent: u8) {
-        if let Some(md) = self.metadata.clone() {
-            let detail = StateDetail::Building { stage, percent };
-            self.runtime
-                .spawn(async move { md.report_state(&detail).await });
-        }
-    }
-}
-
-/// What a successful build method hands back for the done line.
-pub struct MethodOutcome {
-    /// Bytes fetched from the network (the compressed size).
-    pub bytes: u64,
-    pub layout: Vec<LayoutEntry>,
-}
-
-/// One build method. The steps run in order on a blocking thread; an error
-/// in any step ends the build (mounts are undone by their guards).
-pub trait BuildMethod {
-    /// Checks parameters and the volume before anything is written.
-    fn pre_build(&mut self, ctx: &BuildContext) -> Result<(), StageError>;
-    /// Writes the volume.
-    fn build(&mut self, ctx: &BuildContext) -> Result<(), StageError>;
-    /// Unmounts, flushes, and describes the result.
-    fn post_build(&mut self, ctx: &BuildContext) -> Result<MethodOutcome, StageError>;
-}
 
 /// Runs `method` to the end. Blocking: call it from `spawn_blocking`.
 pub fn run(method: Method, ctx: &BuildContext) -> Result<MethodOutcome, StageError> {

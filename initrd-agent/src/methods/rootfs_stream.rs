@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tracing::info;
 
-use super::BuildContext;
+use super::context::BuildContext;
 use crate::fetch::{self, FetchOptions};
 use crate::stage::{StageContext, StageError};
 use contract::{Stage, StateDetail};

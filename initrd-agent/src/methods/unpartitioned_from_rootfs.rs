@@ -7,9 +7,9 @@ use anyhow::Context;
 use nix::mount::MsFlags;
 use uuid::Uuid;
 
+use super::context::{BuildContext, BuildMethod, MethodOutcome};
 use super::from_rootfs::ROOT_MOUNT;
 use super::rootfs_stream::stream_rootfs;
-use super::{BuildContext, BuildMethod, MethodOutcome};
 use crate::disk::Volume;
 use crate::fs::{self, Mount};
 use crate::stage::{StageContext, StageError};
