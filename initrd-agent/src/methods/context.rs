@@ -4,7 +4,6 @@ use contract::{LayoutEntry, Stage, StateDetail};
 
 use crate::metadata::MetadataClient;
 use crate::params::{CommonParams, Params};
-use crate::stage::StageError;
 
 /// What every method gets: the parameters, the async runtime (methods run
 /// on a blocking thread; network I/O and state reports go through the
@@ -32,15 +31,4 @@ pub struct MethodOutcome {
     /// Bytes fetched from the network (the compressed size).
     pub bytes: u64,
     pub layout: Vec<LayoutEntry>,
-}
-
-/// One build method. The steps run in order on a blocking thread; an error
-/// in any step ends the build (mounts are undone by their guards).
-pub trait BuildMethod {
-    /// Checks parameters and the volume before anything is written.
-    fn pre_build(&mut self, ctx: &BuildContext) -> Result<(), StageError>;
-    /// Writes the volume.
-    fn build(&mut self, ctx: &BuildContext) -> Result<(), StageError>;
-    /// Unmounts, flushes, and describes the result.
-    fn post_build(&mut self, ctx: &BuildContext) -> Result<MethodOutcome, StageError>;
 }

@@ -1,6 +1,7 @@
 //! Build methods: how the volume gets written. The name comes from the
-//! `build_method` parameter; each method is one file implementing
-//! [`BuildMethod`], and [`run`] drives the three steps.
+//! `build_method` parameter; each method is one file with a `run` that
+//! goes from the parameters to the written volume in straight-line code,
+//! and [`run`] dispatches to it.
 
 mod context;
 mod from_qcow2;
@@ -11,19 +12,16 @@ mod unpartitioned_from_rootfs;
 use contract::Method;
 
 pub use self::context::BuildContext;
-use self::context::{BuildMethod, MethodOutcome};
+use self::context::MethodOutcome;
 use crate::stage::StageError;
 
-/// Runs `method` to the end. Blocking: call it from `spawn_blocking`.
+/// Runs `method` to the end: each checks its parameters and the volume,
+/// writes, and finishes, in order; an error ends the build (mounts are
+/// undone by their guards). Blocking: call it from `spawn_blocking`.
 pub fn run(method: Method, ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
-    let mut m: Box<dyn BuildMethod> = match method {
-        Method::FromRootfs => Box::new(from_rootfs::FromRootfs::default()),
-        Method::UnpartitionedFromRootfs => {
-            Box::new(unpartitioned_from_rootfs::UnpartitionedFromRootfs::default())
-        }
-        Method::FromQcow2 => Box::new(from_qcow2::FromQcow2::default()),
-    };
-    m.pre_build(ctx)?;
-    m.build(ctx)?;
-    m.post_build(ctx)
+    match method {
+        Method::FromRootfs => from_rootfs::run(ctx),
+        Method::UnpartitionedFromRootfs => unpartitioned_from_rootfs::run(ctx),
+        Method::FromQcow2 => from_qcow2::run(ctx),
+    }
 }
