@@ -16,18 +16,17 @@
 use std::io::{BufRead, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use tracing::{info, warn};
 
 use super::context::{BuildContext, MethodOutcome};
-use super::rootfs_stream::{download_failed, spawn_progress_reporter};
+use super::download;
 use crate::disk::{self, GrownGpt, Volume};
-use crate::fetch::{self, FetchOptions};
+use crate::fetch;
 use crate::read_ahead::ReadAhead;
 use crate::stage::{StageContext, StageError};
+use contract::method::Input;
 use contract::LayoutEntry;
 use contract::Stage;
 
@@ -49,23 +48,10 @@ pub fn run(ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
         .to_string();
     let mut volume = Volume::open(&ctx.common.volume).stage(Stage::Disk)?;
 
-    let options = FetchOptions {
-        expected_sha256: ctx
-            .params
-            .get("disk_img_sha256")
-            .filter(|s| !s.is_empty())
-            .map(str::to_string),
-        ..FetchOptions::default()
-    };
     ctx.report(Stage::Fetch, 0);
-    let download = fetch::open(ctx.runtime.clone(), &url, options)
-        .with_context(|| format!("fetch disk_img_url {url}"))
-        .stage(Stage::Fetch)?;
-    let progress = download.progress();
-    let done = Arc::new(AtomicBool::new(false));
-    let reporter = spawn_progress_reporter(ctx, progress, done.clone());
+    let (image, reporter) = download::open(ctx, Input::DiskImage, &url)?;
     // The download is received on its own thread while this one writes.
-    let mut stream = ReadAhead::new(download, READ_AHEAD_CHUNK, READ_AHEAD_DEPTH)
+    let mut stream = ReadAhead::new(image, READ_AHEAD_CHUNK, READ_AHEAD_DEPTH)
         .context("start the download thread")
         .stage(Stage::Fetch)?;
     let written = (|| {
@@ -76,22 +62,11 @@ pub fn run(ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
             write_raw(&mut stream, &mut volume)
         }
     })();
-    done.store(true, Ordering::Relaxed);
-    reporter.abort();
+    // Reporting ends with the transfer (or with any way out before).
+    drop(reporter);
     // Bytes of the image (its virtual size for qcow2).
-    let image_bytes = match written {
-        Ok(n) => n,
-        Err(e) => {
-            let stage = if download_failed(&e) {
-                Stage::Fetch
-            } else {
-                Stage::Write
-            };
-            return Err(e)
-                .with_context(|| format!("disk_img_url {url}"))
-                .stage(stage);
-        }
-    };
+    let image_bytes =
+        written.map_err(|e| download::failed(e, Input::DiskImage, &url, Stage::Write))?;
     // The digest covers every byte of the file: checked before the volume
     // is declared good.
     let fetched = stream

@@ -4,6 +4,7 @@
 //! and [`run`] dispatches to it.
 
 mod context;
+mod download;
 mod from_qcow2;
 mod from_rootfs;
 mod rootfs_stream;
