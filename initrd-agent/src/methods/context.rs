@@ -1,9 +1,11 @@
 //! What a build method is given and what it hands back.
 
-use contract::{LayoutEntry, Stage, StateDetail};
+use contract::{LayoutEntry, Method, Stage, StateDetail};
 
+use crate::disk::Volume;
 use crate::metadata::MetadataClient;
 use crate::params::{CommonParams, Params};
+use crate::stage::{StageContext, StageError};
 
 /// What every method gets: the parameters, the async runtime (methods run
 /// on a blocking thread; network I/O and state reports go through the
@@ -16,6 +18,19 @@ pub struct BuildContext {
 }
 
 impl BuildContext {
+    /// The checks every method makes before it writes anything: its input's
+    /// URL parameter (`rootfs_url`, `disk_img_url`) is set, and the volume
+    /// opens. Returns both.
+    pub fn input_and_volume(&self, method: Method) -> Result<(String, Volume), StageError> {
+        let url = self
+            .params
+            .required(method.input().url_key(), method.as_str())
+            .stage(Stage::Params)?
+            .to_string();
+        let volume = Volume::open(&self.common.volume).stage(Stage::Disk)?;
+        Ok((url, volume))
+    }
+
     /// Reports `building: <stage> <percent>` without waiting for it.
     pub fn report(&self, stage: Stage, percent: u8) {
         if let Some(md) = self.metadata.clone() {

@@ -27,8 +27,7 @@ use crate::fetch;
 use crate::read_ahead::ReadAhead;
 use crate::stage::{StageContext, StageError};
 use contract::method::Input;
-use contract::LayoutEntry;
-use contract::Stage;
+use contract::{LayoutEntry, Method, Stage};
 
 nix::ioctl_write_ptr_bad!(blk_zeroout, 0x127f, [u64; 2]);
 
@@ -41,12 +40,7 @@ const READ_AHEAD_DEPTH: usize = 4;
 /// its GPT (and with `grow_fs=1` the last filesystem), then describes the
 /// layout. Blocking.
 pub fn run(ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
-    let url = ctx
-        .params
-        .required("disk_img_url", "from-qcow2")
-        .stage(Stage::Params)?
-        .to_string();
-    let mut volume = Volume::open(&ctx.common.volume).stage(Stage::Disk)?;
+    let (url, mut volume) = ctx.input_and_volume(Method::FromQcow2)?;
 
     ctx.report(Stage::Fetch, 0);
     let (image, reporter) = download::open(ctx, Input::DiskImage, &url)?;
@@ -74,11 +68,7 @@ pub fn run(ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
         .finish()
         .with_context(|| format!("disk_img_url {url}"))
         .stage(Stage::Fetch)?;
-    volume
-        .file
-        .sync_all()
-        .context("flush the volume")
-        .stage(Stage::Write)?;
+    volume.flush().stage(Stage::Write)?;
     info!(
         "disk image: {} bytes fetched (sha256 {}), {} bytes written to {}",
         fetched.bytes,
@@ -93,11 +83,7 @@ pub fn run(ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
     if let (true, Some(gpt)) = (grow_fs, &gpt) {
         grow_last_filesystem(gpt).stage(Stage::Grow)?;
     }
-    volume
-        .file
-        .sync_all()
-        .context("flush the volume")
-        .stage(Stage::Finish)?;
+    volume.flush().stage(Stage::Finish)?;
     ctx.report(Stage::Finish, 100);
     let layout = match &gpt {
         Some(gpt) => gpt

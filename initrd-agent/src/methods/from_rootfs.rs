@@ -11,11 +11,10 @@ use uuid::Uuid;
 use super::context::{BuildContext, MethodOutcome};
 use super::rootfs_stream::stream_rootfs;
 use crate::bootloader::{self, BootTarget};
-use crate::disk::{self, Partitioned, Volume};
+use crate::disk::{self, PartitionInfo, Partitioned};
 use crate::fs::{self, Mount};
 use crate::stage::{StageContext, StageError};
-use contract::LayoutEntry;
-use contract::Stage;
+use contract::{LayoutEntry, Method, Stage};
 
 /// Where the agent mounts the root filesystem it builds.
 pub const ROOT_MOUNT: &str = "/run/initrd-agent/root";
@@ -24,10 +23,7 @@ pub const ROOT_MOUNT: &str = "/run/initrd-agent/root";
 /// the rootfs onto the root, writes fstab and the bootloader, then unmounts
 /// and describes the layout. Blocking.
 pub fn run(ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
-    ctx.params
-        .required("rootfs_url", "from-rootfs")
-        .stage(Stage::Params)?;
-    let mut volume = Volume::open(&ctx.common.volume).stage(Stage::Disk)?;
+    let (url, mut volume) = ctx.input_and_volume(Method::FromRootfs)?;
 
     ctx.report(Stage::Disk, 0);
     let layout = disk::partition(&mut volume, ctx.common.efi_size).stage(Stage::Disk)?;
@@ -41,7 +37,7 @@ pub fn run(ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
         Mount::new(&layout.root.device, &root, "ext4", MsFlags::empty()).stage(Stage::Fs)?;
 
     ctx.report(Stage::Fetch, 0);
-    let streamed = stream_rootfs(ctx, &root)?;
+    let streamed = stream_rootfs(ctx, &url, &root)?;
 
     write_fstab(&root, &layout).stage(Stage::Fstab)?;
     let esp_dir = root.join("boot/efi");
@@ -62,33 +58,12 @@ pub fn run(ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
     // The ESP is mounted inside the root: unmount it first.
     esp_mount.unmount().stage(Stage::Finish)?;
     root_mount.unmount().stage(Stage::Finish)?;
-    volume
-        .file
-        .sync_all()
-        .context("flush the volume")
-        .stage(Stage::Finish)?;
+    volume.flush().stage(Stage::Finish)?;
     ctx.report(Stage::Finish, 100);
+    let esp_uuid = format!("{:04X}-{:04X}", esp_id >> 16, esp_id & 0xffff);
     let entries = vec![
-        LayoutEntry {
-            device: layout.esp.device.display().to_string(),
-            role: "esp".into(),
-            number: Some(layout.esp.number),
-            partuuid: Some(layout.esp.partuuid.to_string()),
-            start_bytes: layout.esp.start,
-            size_bytes: layout.esp.size,
-            fs: Some("vfat".into()),
-            uuid: Some(format!("{:04X}-{:04X}", esp_id >> 16, esp_id & 0xffff)),
-        },
-        LayoutEntry {
-            device: layout.root.device.display().to_string(),
-            role: "root".into(),
-            number: Some(layout.root.number),
-            partuuid: Some(layout.root.partuuid.to_string()),
-            start_bytes: layout.root.start,
-            size_bytes: layout.root.size,
-            fs: Some("ext4".into()),
-            uuid: Some(fs_uuid.to_string()),
-        },
+        layout_entry(&layout.esp, "esp", "vfat", esp_uuid),
+        layout_entry(&layout.root, "root", "ext4", fs_uuid.to_string()),
     ];
     for e in &entries {
         info!(
@@ -106,6 +81,20 @@ pub fn run(ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
         bytes: streamed.fetched_bytes,
         layout: entries,
     })
+}
+
+/// One partition of the new layout, for the done line.
+fn layout_entry(part: &PartitionInfo, role: &str, fs: &str, uuid: String) -> LayoutEntry {
+    LayoutEntry {
+        device: part.device.display().to_string(),
+        role: role.into(),
+        number: Some(part.number),
+        partuuid: Some(part.partuuid.to_string()),
+        start_bytes: part.start,
+        size_bytes: part.size,
+        fs: Some(fs.into()),
+        uuid: Some(uuid),
+    }
 }
 
 /// /etc/fstab by PARTUUID, like the original (stable across device names:

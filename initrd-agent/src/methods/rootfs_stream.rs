@@ -19,13 +19,9 @@ pub struct Streamed {
     pub fetched_bytes: u64,
 }
 
-pub fn stream_rootfs(ctx: &BuildContext, root: &Path) -> Result<Streamed, StageError> {
-    let url = ctx
-        .params
-        .required("rootfs_url", "this build method")
-        .stage(Stage::Params)?
-        .to_string();
-    let (mut tarball, reporter) = download::open(ctx, Input::Rootfs, &url)?;
+/// Streams `url` (`rootfs_url`) onto the filesystem mounted at `root`.
+pub fn stream_rootfs(ctx: &BuildContext, url: &str, root: &Path) -> Result<Streamed, StageError> {
+    let (mut tarball, reporter) = download::open(ctx, Input::Rootfs, url)?;
 
     let extracted = (|| {
         let (compression, reader) =
@@ -38,8 +34,7 @@ pub fn stream_rootfs(ctx: &BuildContext, root: &Path) -> Result<Streamed, StageE
     })();
     // Reporting ends with the transfer (or with any way out before).
     drop(reporter);
-    let summary =
-        extracted.map_err(|e| download::failed(e, Input::Rootfs, &url, Stage::Extract))?;
+    let summary = extracted.map_err(|e| download::failed(e, Input::Rootfs, url, Stage::Extract))?;
     let fetched = tarball
         .finish()
         .with_context(|| format!("rootfs_url {url}"))

@@ -3,26 +3,20 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use nix::mount::MsFlags;
 use uuid::Uuid;
 
 use super::context::{BuildContext, MethodOutcome};
 use super::from_rootfs::ROOT_MOUNT;
 use super::rootfs_stream::stream_rootfs;
-use crate::disk::Volume;
 use crate::fs::{self, Mount};
 use crate::stage::{StageContext, StageError};
-use contract::LayoutEntry;
-use contract::Stage;
+use contract::{LayoutEntry, Method, Stage};
 
 /// Checks the parameters and the volume, formats it whole, streams the
 /// rootfs onto it, then unmounts and describes it. Blocking.
 pub fn run(ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
-    ctx.params
-        .required("rootfs_url", "unpartitioned-from-rootfs")
-        .stage(Stage::Params)?;
-    let mut volume = Volume::open(&ctx.common.volume).stage(Stage::Disk)?;
+    let (url, mut volume) = ctx.input_and_volume(Method::UnpartitionedFromRootfs)?;
 
     ctx.report(Stage::Fs, 0);
     // A stale partition table would shadow the filesystem for the kernel.
@@ -32,14 +26,10 @@ pub fn run(ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
     let root = PathBuf::from(ROOT_MOUNT);
     let mount = Mount::new(&volume.path, &root, "ext4", MsFlags::empty()).stage(Stage::Fs)?;
     ctx.report(Stage::Fetch, 0);
-    let streamed = stream_rootfs(ctx, &root)?;
+    let streamed = stream_rootfs(ctx, &url, &root)?;
 
     mount.unmount().stage(Stage::Finish)?;
-    volume
-        .file
-        .sync_all()
-        .context("flush the volume")
-        .stage(Stage::Finish)?;
+    volume.flush().stage(Stage::Finish)?;
     ctx.report(Stage::Finish, 100);
     Ok(MethodOutcome {
         bytes: streamed.fetched_bytes,
