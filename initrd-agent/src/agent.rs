@@ -1,7 +1,7 @@
 //! The agent's run, shared by the initrd (PID 1's worker) and the `run`
 //! command: resolve parameters, dispatch the build method, report the
 //! result. Every error travels up to here as a value with its stage and is
-//! turned into the done line in one place.
+//! turned into the done line in one place ([`crate::report::finish`]).
 
 use std::time::Instant;
 
@@ -9,8 +9,7 @@ use anyhow::{Context, Result};
 use tracing::{error, info};
 
 use contract::params::{
-    BUILD_METHOD, INITRD_DONE_PORT, INITRD_PRE_SHELL, METADATA_IP, NO_METADATA, NO_SIGNAL_STATE,
-    POST_BUILD_SHELL, SIGNAL_BUILD_DONE_PORT, SIGNAL_FAILURE,
+    BUILD_METHOD, INITRD_PRE_SHELL, METADATA_IP, NO_METADATA, NO_SIGNAL_STATE, POST_BUILD_SHELL,
 };
 use contract::{DoneLine, Method, Stage, StateDetail};
 
@@ -18,6 +17,8 @@ use crate::metadata::{self, MetadataClient};
 use crate::methods::{self, BuildContext};
 use crate::net::{self, IpConfig};
 use crate::params::{Cmdline, Params};
+use crate::report::{finish, Delivery};
+use crate::shell;
 use crate::signal;
 use crate::stage::{StageContext, StageError};
 
@@ -39,42 +40,41 @@ pub fn run_initrd(cmdline: Cmdline) -> i32 {
 }
 
 async fn initrd_main(cmdline: Cmdline) -> i32 {
-    let mut metadata = if cmdline.flag(NO_METADATA) {
+    let mut metadata = None;
+    let mut params = None;
+    let result = initrd_build(&cmdline, &mut metadata, &mut params).await;
+    finish(
+        result,
+        params.as_ref(),
+        &cmdline,
+        metadata.as_ref(),
+        &Delivery::INITRD,
+    )
+    .await
+}
+
+/// The initrd's steps up to the build's result: metadata client, network,
+/// parameters, the build. `metadata` and `params` are filled in as far as
+/// the steps got, for [`finish`].
+async fn initrd_build(
+    cmdline: &Cmdline,
+    metadata: &mut Option<MetadataClient>,
+    resolved: &mut Option<Params>,
+) -> Result<DoneLine, StageError> {
+    if cmdline.flag(NO_METADATA) {
         info!("NO_METADATA is set: parameters come from the kernel command line alone");
-        None
     } else {
         let ip = cmdline.get(METADATA_IP).unwrap_or(metadata::DEFAULT_IP);
-        match MetadataClient::new(ip, !cmdline.flag(NO_SIGNAL_STATE)) {
-            Ok(c) => Some(c),
-            Err(e) => return finish(Err(e).stage(Stage::Metadata), None, &cmdline, None).await,
-        }
-    };
+        let client = MetadataClient::new(ip, !cmdline.flag(NO_SIGNAL_STATE));
+        *metadata = Some(client.stage(Stage::Metadata)?);
+    }
 
-    let ip_config = match IpConfig::parse(cmdline.get("ip")) {
-        Ok(c) => c,
-        Err(e) => {
-            return finish(
-                Err(e).stage(Stage::Network),
-                None,
-                &cmdline,
-                metadata.as_ref(),
-            )
-            .await
-        }
-    };
-    let interfaces = tokio::task::spawn_blocking(move || net::configure(&ip_config)).await;
-    let interfaces = match interfaces.context("network setup panicked").and_then(|r| r) {
-        Ok(i) => i,
-        Err(e) => {
-            return finish(
-                Err(e).stage(Stage::Network),
-                None,
-                &cmdline,
-                metadata.as_ref(),
-            )
-            .await
-        }
-    };
+    let ip_config = IpConfig::parse(cmdline.get("ip")).stage(Stage::Network)?;
+    let interfaces = tokio::task::spawn_blocking(move || net::configure(&ip_config))
+        .await
+        .context("network setup panicked")
+        .and_then(|r| r)
+        .stage(Stage::Network)?;
     for i in &interfaces {
         info!(
             "network up: {} {}/{} gateway {:?}",
@@ -82,60 +82,49 @@ async fn initrd_main(cmdline: Cmdline) -> i32 {
         );
     }
 
-    let tags = match &metadata {
+    let tags = match metadata.as_ref() {
         None => None,
         Some(md) => {
             md.report_state(&StateDetail::KernelStarted).await;
-            match md.conf().await {
-                Ok(conf) => {
-                    info!(
-                        "metadata: server {} '{}' with {} tag(s)",
-                        conf.id,
-                        conf.name,
-                        conf.tags.len()
-                    );
-                    md.report_state(&StateDetail::Booted).await;
-                    Some(conf.tags)
+            let conf = match md.conf().await {
+                Err(e) if interfaces.is_empty() => {
+                    Err(e.context("no network interface got an address"))
                 }
-                Err(e) => {
-                    let e = if interfaces.is_empty() {
-                        e.context("no network interface got an address")
-                    } else {
-                        e
-                    };
-                    return finish(
-                        Err(e).stage(Stage::Metadata),
-                        None,
-                        &cmdline,
-                        metadata.as_ref(),
-                    )
-                    .await;
-                }
+                other => other,
             }
+            .stage(Stage::Metadata)?;
+            info!(
+                "metadata: server {} '{}' with {} tag(s)",
+                conf.id,
+                conf.name,
+                conf.tags.len()
+            );
+            md.report_state(&StateDetail::Booted).await;
+            Some(conf.tags)
         }
     };
 
-    let params = Params::resolve(tags.as_deref(), &cmdline);
+    let params = resolved.insert(Params::resolve(tags.as_deref(), cmdline));
     info!("parameters resolved: {}", params.describe().join(" "));
     if let Some(md) = metadata.as_mut() {
         md.set_report_state(!params.flag(NO_SIGNAL_STATE));
     }
     if params.flag(INITRD_PRE_SHELL) {
-        tokio::task::spawn_blocking(|| crate::pid1::debug_shell(INITRD_PRE_SHELL))
+        tokio::task::spawn_blocking(|| shell::debug_shell(INITRD_PRE_SHELL))
             .await
             .ok();
     }
     if let Ok(common) = params.common() {
         // PID 1 signals on this port if the worker dies from here on.
-        std::fs::write(crate::pid1::PORT_FILE, common.signal_port.to_string()).ok();
+        std::fs::write(signal::PORT_FILE, common.signal_port.to_string()).ok();
     }
-    let result = build(&params, metadata.as_ref()).await;
+    let result = build(params, metadata.as_ref()).await;
     if params.flag(POST_BUILD_SHELL) {
-        tokio::task::spawn_blocking(|| crate::pid1::debug_shell(POST_BUILD_SHELL))
+        tokio::task::spawn_blocking(|| shell::debug_shell(POST_BUILD_SHELL))
             .await
             .ok();
     }
-    finish(result, Some(&params), &cmdline, metadata.as_ref()).await
+    result
 }
 
 /// Parses the common parameters and runs the build method on a blocking
@@ -194,55 +183,4 @@ fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Reports the result: state on the metadata server, the done line on the
-/// console, then the done port until the server is stopped.
-async fn finish(
-    result: Result<DoneLine, StageError>,
-    params: Option<&Params>,
-    cmdline: &Cmdline,
-    metadata: Option<&MetadataClient>,
-) -> i32 {
-    let line = match result {
-        Ok(line) => line,
-        Err(e) => {
-            error!("build failed in stage {}: {:#}", e.stage, e.error);
-            e.to_done_line()
-        }
-    };
-    if let Some(md) = metadata {
-        let state = if line.is_success() {
-            StateDetail::Done
-        } else {
-            StateDetail::Failed(line.message.clone())
-        };
-        md.report_state(&state).await;
-    }
-    // The port and signal_failure come from the resolved parameters when
-    // resolution got that far, else from the command line and defaults.
-    let fallback;
-    let params = match params {
-        Some(p) => p,
-        None => {
-            fallback = Params::resolve(None, cmdline);
-            &fallback
-        }
-    };
-    let port = params
-        .get(SIGNAL_BUILD_DONE_PORT)
-        .and_then(|p| crate::params::parse_port(p).ok())
-        .unwrap_or(INITRD_DONE_PORT);
-    if !line.is_success() && !params.flag(SIGNAL_FAILURE) {
-        info!("signal_failure=0: not opening the done port for a failed build");
-        std::future::pending::<()>().await;
-    }
-    match signal::bind(port).await {
-        Ok(listener) => {
-            let _ = signal::serve(listener, line).await;
-        }
-        Err(e) => error!("{e:#}"),
-    }
-    std::future::pending::<()>().await;
-    0
 }

@@ -88,6 +88,11 @@ impl Volume {
         })
     }
 
+    /// Writes everything out to the device.
+    pub fn flush(&self) -> Result<()> {
+        self.file.sync_all().context("flush the volume")
+    }
+
     /// Zeroes the first and last MiB: old partition tables (the backup GPT
     /// sits at the end) and filesystem signatures must not survive on a
     /// reused volume.
@@ -98,7 +103,7 @@ impl Volume {
         self.file
             .seek(SeekFrom::Start(self.size - zeros.len() as u64))?;
         self.file.write_all(&zeros)?;
-        self.file.sync_all().context("flush the volume")?;
+        self.flush()?;
         Ok(())
     }
 

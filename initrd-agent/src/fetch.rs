@@ -155,7 +155,8 @@ struct ProgressInner {
 }
 
 impl Progress {
-    fn new() -> Progress {
+    /// Nothing read yet, size unknown.
+    pub fn new() -> Progress {
         Progress(Arc::new(ProgressInner {
             read: AtomicU64::new(0),
             total: AtomicU64::new(u64::MAX),

@@ -17,10 +17,11 @@ mod net;
 mod params;
 mod pid1;
 mod read_ahead;
+mod report;
+mod shell;
 mod signal;
 mod stage;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 /// mimalloc instead of musl's allocator, which hands every large block back
@@ -43,10 +44,12 @@ fn tune_allocator() {
 }
 use tracing::{error, info};
 
-use contract::params::{BUILD_METHOD, INITRD_DONE_PORT, METADATA_IP, NO_SIGNAL_STATE, VOLUME};
-use contract::{DoneLine, Stage, StateDetail};
+use contract::params::{BUILD_METHOD, METADATA_IP, NO_SIGNAL_STATE, VOLUME};
+use contract::Stage;
 
 use crate::params::{Cmdline, Params, Source};
+use crate::report::{finish, Delivery, Listen};
+use crate::stage::StageContext;
 
 #[derive(Parser)]
 #[command(
@@ -108,8 +111,12 @@ fn main() {
             verbose,
         } => {
             log::init(verbose);
-            let serve = serve.then_some(serve_address);
-            std::process::exit(run_command(volume, method, params, metadata, serve));
+            let listen = match (serve, serve_address) {
+                (false, _) => Listen::Nowhere,
+                (true, None) => Listen::EveryAddress,
+                (true, Some(ip)) => Listen::Address(ip),
+            };
+            std::process::exit(run_command(volume, method, params, metadata, listen));
         }
     }
 }
@@ -119,9 +126,7 @@ fn run_command(
     method: Option<String>,
     pairs: Vec<String>,
     use_metadata: bool,
-    // `Some(address)`: serve the done line afterwards (on every address
-    // when `None`).
-    serve: Option<Option<std::net::IpAddr>>,
+    listen: Listen,
 ) -> i32 {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -130,6 +135,7 @@ fn run_command(
             return 70;
         }
     };
+    let delivery = Delivery::command(listen);
     runtime.block_on(async move {
         let cmdline = match Cmdline::from_pairs(pairs.iter().map(String::as_str)) {
             Ok(c) => c,
@@ -151,18 +157,10 @@ fn run_command(
                     tags = Some(conf.tags);
                     client = Some(md);
                 }
-                Err(error) => {
-                    let failure = stage::StageError {
-                        stage: Stage::Metadata,
-                        error,
-                    };
-                    // Served on the port the command line gives (no tags).
-                    let port = Params::resolve(None, &cmdline)
-                        .common()
-                        .map(|c| c.signal_port)
-                        .unwrap_or(INITRD_DONE_PORT);
-                    let listen = serve.map(|address| (address, port));
-                    return report(failure.to_done_line(), listen).await;
+                // Served on the port the command line gives (no tags).
+                Err(e) => {
+                    let failed = Err(e).stage(Stage::Metadata);
+                    return finish(failed, None, &cmdline, None, &delivery).await;
                 }
             }
         }
@@ -174,48 +172,7 @@ fn run_command(
             params.set(BUILD_METHOD, m, Source::Cmdline);
         }
         info!("parameters resolved: {}", params.describe().join(" "));
-        let line = agent::build(&params, client.as_ref())
-            .await
-            .unwrap_or_else(|e| {
-                error!("build failed in stage {}: {:#}", e.stage, e.error);
-                e.to_done_line()
-            });
-        if let Some(md) = &client {
-            let state = if line.is_success() {
-                StateDetail::Done
-            } else {
-                StateDetail::Failed(line.message.clone())
-            };
-            md.report_state(&state).await;
-        }
-        let listen = serve.map(|address| {
-            let port = params
-                .common()
-                .map(|c| c.signal_port)
-                .unwrap_or(INITRD_DONE_PORT);
-            (address, port)
-        });
-        report(line, listen).await
+        let result = agent::build(&params, client.as_ref()).await;
+        finish(result, Some(&params), &cmdline, client.as_ref(), &delivery).await
     })
-}
-
-/// Prints the done line; with an (address, port), serves it until killed.
-async fn report(line: DoneLine, listen: Option<(Option<std::net::IpAddr>, u16)>) -> i32 {
-    print!("{}", line.to_line());
-    let code = if line.is_success() { 0 } else { 1 };
-    if let Some((address, port)) = listen {
-        let bound = match address {
-            Some(ip) => tokio::net::TcpListener::bind((ip, port))
-                .await
-                .with_context(|| format!("cannot listen on {ip} port {port}")),
-            None => signal::bind(port).await,
-        };
-        match bound {
-            Ok(l) => {
-                let _ = signal::serve(l, line).await;
-            }
-            Err(e) => error!("{e:#}"),
-        }
-    }
-    code
 }

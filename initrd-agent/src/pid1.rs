@@ -24,14 +24,12 @@ use nix::unistd::{fork, ForkResult, Pid};
 use tracing::{error, info, warn};
 
 use crate::params::{parse_port, Cmdline};
+use crate::signal::PORT_FILE;
 use contract::params::{INITRD_DONE_PORT, SIGNAL_BUILD_DONE_PORT};
 use contract::{DoneLine, Stage};
 
 /// Where the initrd builder puts the modules and their load order.
 const MODULES_DIR: &str = "/lib/modules";
-/// The worker writes the resolved done port here, so that PID 1 can signal
-/// on the right port if the worker dies after resolving parameters.
-pub const PORT_FILE: &str = "/run/initrd-agent.port";
 
 pub fn main() -> ! {
     // The log level comes from the kernel command line, so /proc goes first
@@ -213,32 +211,6 @@ fn serve_blocking(port: u16, line: &DoneLine) {
     );
     for mut stream in listener.incoming().flatten() {
         let _ = stream.write_all(line.to_line().as_bytes());
-    }
-}
-
-/// Runs an interactive shell on the console and waits for it to exit
-/// (`INITRD_PRE_SHELL` / `POST_BUILD_SHELL`, for debugging a build server).
-/// The default initrd carries no shell: add `busybox` to the bootscript's
-/// initrd tools for one.
-pub fn debug_shell(why: &str) {
-    let shell = ["/bin/sh", "/usr/bin/busybox", "/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).is_file());
-    let Some(shell) = shell else {
-        tracing::warn!(
-            "{why} is set but this initrd has no shell: add busybox to the bootscript's initrd tools \
-             (busybox-static) and rebuild it with `imgforge initrd`; continuing without a shell"
-        );
-        return;
-    };
-    info!("{why}: starting {shell} on the console; exit the shell to continue");
-    let mut cmd = std::process::Command::new(shell);
-    if shell.ends_with("busybox") {
-        cmd.arg("sh");
-    }
-    match cmd.status() {
-        Ok(status) => info!("{why}: shell exited ({status})"),
-        Err(e) => error!("{why}: cannot start {shell}: {e}"),
     }
 }
 

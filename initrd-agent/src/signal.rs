@@ -10,6 +10,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
+/// The initrd's worker writes the resolved done port here, so that PID 1
+/// can signal on the right port if the worker dies after resolving
+/// parameters.
+pub const PORT_FILE: &str = "/run/initrd-agent.port";
+
 /// Binds the done port on every address (the host reaches it through a
 /// QEMU forward or the server's public IP).
 pub async fn bind(port: u16) -> Result<TcpListener> {

@@ -1,7 +1,7 @@
 //! Errors with the stage they happened in. Every stage of the agent returns
-//! [`StageError`]; one place (the `finish` of the agent's run) turns it
-//! into the failed build's done line. The stage names are the contract's
-//! ([`contract::Stage`]): the host shows them.
+//! [`StageError`]; one place ([`crate::report::finish`], the end of every
+//! run) turns it into the failed build's done line. The stage names are the
+//! contract's ([`contract::Stage`]): the host shows them.
 
 use anyhow::Result;
 use contract::{DoneLine, Stage};

@@ -16,20 +16,18 @@
 use std::io::{BufRead, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use tracing::{info, warn};
 
-use super::rootfs_stream::{download_failed, spawn_progress_reporter};
-use super::{BuildContext, BuildMethod, MethodOutcome};
+use super::context::{BuildContext, MethodOutcome};
+use super::download;
 use crate::disk::{self, GrownGpt, Volume};
-use crate::fetch::{self, FetchOptions};
+use crate::fetch;
 use crate::read_ahead::ReadAhead;
 use crate::stage::{StageContext, StageError};
-use contract::LayoutEntry;
-use contract::Stage;
+use contract::method::Input;
+use contract::{LayoutEntry, Method, Stage};
 
 nix::ioctl_write_ptr_bad!(blk_zeroout, 0x127f, [u64; 2]);
 
@@ -38,140 +36,85 @@ nix::ioctl_write_ptr_bad!(blk_zeroout, 0x127f, [u64; 2]);
 const READ_AHEAD_CHUNK: usize = 1 << 20;
 const READ_AHEAD_DEPTH: usize = 4;
 
-#[derive(Default)]
-pub struct FromQcow2 {
-    volume: Option<Volume>,
-    fetched_bytes: u64,
-    /// Bytes of the image (its virtual size for qcow2).
-    image_bytes: u64,
-}
+/// Checks the parameters and the volume, streams the image onto it, grows
+/// its GPT (and with `grow_fs=1` the last filesystem), then describes the
+/// layout. Blocking.
+pub fn run(ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
+    let (url, mut volume) = ctx.input_and_volume(Method::FromQcow2)?;
 
-impl BuildMethod for FromQcow2 {
-    fn pre_build(&mut self, ctx: &BuildContext) -> Result<(), StageError> {
-        ctx.params
-            .required("disk_img_url", "from-qcow2")
-            .stage(Stage::Params)?;
-        self.volume = Some(Volume::open(&ctx.common.volume).stage(Stage::Disk)?);
-        Ok(())
-    }
-
-    fn build(&mut self, ctx: &BuildContext) -> Result<(), StageError> {
-        let volume = self.volume.as_mut().expect("pre_build opened the volume");
-        let url = ctx
-            .params
-            .required("disk_img_url", "from-qcow2")
-            .stage(Stage::Params)?
-            .to_string();
-        let options = FetchOptions {
-            expected_sha256: ctx
-                .params
-                .get("disk_img_sha256")
-                .filter(|s| !s.is_empty())
-                .map(str::to_string),
-            ..FetchOptions::default()
-        };
-        ctx.report(Stage::Fetch, 0);
-        let download = fetch::open(ctx.runtime.clone(), &url, options)
-            .with_context(|| format!("fetch disk_img_url {url}"))
-            .stage(Stage::Fetch)?;
-        let progress = download.progress();
-        let done = Arc::new(AtomicBool::new(false));
-        let reporter = spawn_progress_reporter(ctx, progress, done.clone());
-        // The download is received on its own thread while this one writes.
-        let mut stream = ReadAhead::new(download, READ_AHEAD_CHUNK, READ_AHEAD_DEPTH)
-            .context("start the download thread")
-            .stage(Stage::Fetch)?;
-        let written = (|| {
-            let head = stream.fill_buf().context("read the image's first bytes")?;
-            if head.starts_with(&qcow2::MAGIC) {
-                write_qcow2(ctx, &url, &mut stream, volume)
-            } else {
-                write_raw(&mut stream, volume)
-            }
-        })();
-        done.store(true, Ordering::Relaxed);
-        reporter.abort();
-        self.image_bytes = match written {
-            Ok(n) => n,
-            Err(e) => {
-                let stage = if download_failed(&e) {
-                    Stage::Fetch
-                } else {
-                    Stage::Write
-                };
-                return Err(e)
-                    .with_context(|| format!("disk_img_url {url}"))
-                    .stage(stage);
-            }
-        };
-        // The digest covers every byte of the file: checked before the
-        // volume is declared good.
-        let fetched = stream
-            .into_inner()
-            .finish()
-            .with_context(|| format!("disk_img_url {url}"))
-            .stage(Stage::Fetch)?;
-        self.fetched_bytes = fetched.bytes;
-        volume
-            .file
-            .sync_all()
-            .context("flush the volume")
-            .stage(Stage::Write)?;
-        info!(
-            "disk image: {} bytes fetched (sha256 {}), {} bytes written to {}",
-            fetched.bytes,
-            fetched.sha256.as_deref().unwrap_or("not checked"),
-            self.image_bytes,
-            volume.path.display()
-        );
-        Ok(())
-    }
-
-    fn post_build(&mut self, ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
-        let volume = self.volume.as_mut().expect("pre_build opened the volume");
-        ctx.report(Stage::Grow, 0);
-        let gpt = disk::grow_gpt(volume).stage(Stage::Grow)?;
-        let grow_fs = ctx.params.get("grow_fs").is_some_and(|v| v == "1");
-        if let (true, Some(gpt)) = (grow_fs, &gpt) {
-            grow_last_filesystem(gpt).stage(Stage::Grow)?;
+    ctx.report(Stage::Fetch, 0);
+    let (image, reporter) = download::open(ctx, Input::DiskImage, &url)?;
+    // The download is received on its own thread while this one writes.
+    let mut stream = ReadAhead::new(image, READ_AHEAD_CHUNK, READ_AHEAD_DEPTH)
+        .context("start the download thread")
+        .stage(Stage::Fetch)?;
+    let written = (|| {
+        let head = stream.fill_buf().context("read the image's first bytes")?;
+        if head.starts_with(&qcow2::MAGIC) {
+            write_qcow2(ctx, &url, &mut stream, &mut volume)
+        } else {
+            write_raw(&mut stream, &mut volume)
         }
-        volume
-            .file
-            .sync_all()
-            .context("flush the volume")
-            .stage(Stage::Finish)?;
-        ctx.report(Stage::Finish, 100);
-        let layout = match &gpt {
-            Some(gpt) => gpt
-                .partitions
-                .iter()
-                .map(|p| LayoutEntry {
-                    device: p.device.display().to_string(),
-                    role: if p.is_esp() { "esp" } else { "partition" }.into(),
-                    number: Some(p.number),
-                    partuuid: Some(p.partuuid.to_string()),
-                    start_bytes: p.start,
-                    size_bytes: p.size,
-                    fs: None,
-                    uuid: None,
-                })
-                .collect(),
-            None => vec![LayoutEntry {
-                device: volume.path.display().to_string(),
-                role: "image".into(),
-                number: None,
-                partuuid: None,
-                start_bytes: 0,
-                size_bytes: self.image_bytes,
+    })();
+    // Reporting ends with the transfer (or with any way out before).
+    drop(reporter);
+    // Bytes of the image (its virtual size for qcow2).
+    let image_bytes =
+        written.map_err(|e| download::failed(e, Input::DiskImage, &url, Stage::Write))?;
+    // The digest covers every byte of the file: checked before the volume
+    // is declared good.
+    let fetched = stream
+        .into_inner()
+        .finish()
+        .with_context(|| format!("disk_img_url {url}"))
+        .stage(Stage::Fetch)?;
+    volume.flush().stage(Stage::Write)?;
+    info!(
+        "disk image: {} bytes fetched (sha256 {}), {} bytes written to {}",
+        fetched.bytes,
+        fetched.sha256.as_deref().unwrap_or("not checked"),
+        image_bytes,
+        volume.path.display()
+    );
+
+    ctx.report(Stage::Grow, 0);
+    let gpt = disk::grow_gpt(&mut volume).stage(Stage::Grow)?;
+    let grow_fs = ctx.params.get("grow_fs").is_some_and(|v| v == "1");
+    if let (true, Some(gpt)) = (grow_fs, &gpt) {
+        grow_last_filesystem(gpt).stage(Stage::Grow)?;
+    }
+    volume.flush().stage(Stage::Finish)?;
+    ctx.report(Stage::Finish, 100);
+    let layout = match &gpt {
+        Some(gpt) => gpt
+            .partitions
+            .iter()
+            .map(|p| LayoutEntry {
+                device: p.device.display().to_string(),
+                role: if p.is_esp() { "esp" } else { "partition" }.into(),
+                number: Some(p.number),
+                partuuid: Some(p.partuuid.to_string()),
+                start_bytes: p.start,
+                size_bytes: p.size,
                 fs: None,
                 uuid: None,
-            }],
-        };
-        Ok(MethodOutcome {
-            bytes: self.fetched_bytes,
-            layout,
-        })
-    }
+            })
+            .collect(),
+        None => vec![LayoutEntry {
+            device: volume.path.display().to_string(),
+            role: "image".into(),
+            number: None,
+            partuuid: None,
+            start_bytes: 0,
+            size_bytes: image_bytes,
+            fs: None,
+            uuid: None,
+        }],
+    };
+    Ok(MethodOutcome {
+        bytes: fetched.bytes,
+        layout,
+    })
 }
 
 /// A raw image, plain or compressed, copied onto the volume from offset 0.

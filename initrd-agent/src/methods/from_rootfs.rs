@@ -8,136 +8,92 @@ use nix::mount::MsFlags;
 use tracing::info;
 use uuid::Uuid;
 
+use super::context::{BuildContext, MethodOutcome};
 use super::rootfs_stream::stream_rootfs;
-use super::{BuildContext, BuildMethod, MethodOutcome};
 use crate::bootloader::{self, BootTarget};
-use crate::disk::{self, Partitioned, Volume};
+use crate::disk::{self, PartitionInfo, Partitioned};
 use crate::fs::{self, Mount};
 use crate::stage::{StageContext, StageError};
-use contract::LayoutEntry;
-use contract::Stage;
+use contract::{LayoutEntry, Method, Stage};
 
 /// Where the agent mounts the root filesystem it builds.
 pub const ROOT_MOUNT: &str = "/run/initrd-agent/root";
 
-#[derive(Default)]
-pub struct FromRootfs {
-    volume: Option<Volume>,
-    layout: Option<Partitioned>,
-    root_fs_uuid: Option<Uuid>,
-    esp_volume_id: Option<u32>,
-    root_mount: Option<Mount>,
-    esp_mount: Option<Mount>,
-    fetched_bytes: u64,
+/// Checks the parameters and the volume, partitions and formats it, streams
+/// the rootfs onto the root, writes fstab and the bootloader, then unmounts
+/// and describes the layout. Blocking.
+pub fn run(ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
+    let (url, mut volume) = ctx.input_and_volume(Method::FromRootfs)?;
+
+    ctx.report(Stage::Disk, 0);
+    let layout = disk::partition(&mut volume, ctx.common.efi_size).stage(Stage::Disk)?;
+
+    ctx.report(Stage::Fs, 0);
+    let esp_id = fs::format_fat32(&layout.esp.device, layout.esp.size, "efi").stage(Stage::Fs)?;
+    let fs_uuid = Uuid::new_v4();
+    fs::format_ext4(&layout.root.device, "root", fs_uuid).stage(Stage::Fs)?;
+    let root = PathBuf::from(ROOT_MOUNT);
+    let root_mount =
+        Mount::new(&layout.root.device, &root, "ext4", MsFlags::empty()).stage(Stage::Fs)?;
+
+    ctx.report(Stage::Fetch, 0);
+    let streamed = stream_rootfs(ctx, &url, &root)?;
+
+    write_fstab(&root, &layout).stage(Stage::Fstab)?;
+    let esp_dir = root.join("boot/efi");
+    let esp_mount = Mount::new(&layout.esp.device, &esp_dir, "vfat", MsFlags::empty())
+        .context("mount the ESP (the initrd must carry the fat, vfat and nls modules)")
+        .stage(Stage::Bootloader)?;
+    ctx.report(Stage::Bootloader, 0);
+    let how = bootloader::install(&BootTarget {
+        root: &root,
+        esp: &esp_dir,
+        root_device: &layout.root.device,
+        root_fs_uuid: fs_uuid,
+        root_partuuid: layout.root.partuuid,
+    })
+    .stage(Stage::Bootloader)?;
+    info!("bootloader: {how:?}");
+
+    // The ESP is mounted inside the root: unmount it first.
+    esp_mount.unmount().stage(Stage::Finish)?;
+    root_mount.unmount().stage(Stage::Finish)?;
+    volume.flush().stage(Stage::Finish)?;
+    ctx.report(Stage::Finish, 100);
+    let esp_uuid = format!("{:04X}-{:04X}", esp_id >> 16, esp_id & 0xffff);
+    let entries = vec![
+        layout_entry(&layout.esp, "esp", "vfat", esp_uuid),
+        layout_entry(&layout.root, "root", "ext4", fs_uuid.to_string()),
+    ];
+    for e in &entries {
+        info!(
+            "layout: {} {} #{} {} MiB at {} MiB, {} {}",
+            e.device,
+            e.role,
+            e.number.unwrap_or(0),
+            e.size_bytes >> 20,
+            e.start_bytes >> 20,
+            e.fs.as_deref().unwrap_or("-"),
+            e.uuid.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(MethodOutcome {
+        bytes: streamed.fetched_bytes,
+        layout: entries,
+    })
 }
 
-impl BuildMethod for FromRootfs {
-    fn pre_build(&mut self, ctx: &BuildContext) -> Result<(), StageError> {
-        ctx.params
-            .required("rootfs_url", "from-rootfs")
-            .stage(Stage::Params)?;
-        self.volume = Some(Volume::open(&ctx.common.volume).stage(Stage::Disk)?);
-        Ok(())
-    }
-
-    fn build(&mut self, ctx: &BuildContext) -> Result<(), StageError> {
-        let volume = self.volume.as_mut().expect("pre_build opened the volume");
-        ctx.report(Stage::Disk, 0);
-        let layout = disk::partition(volume, ctx.common.efi_size).stage(Stage::Disk)?;
-
-        ctx.report(Stage::Fs, 0);
-        let esp_id =
-            fs::format_fat32(&layout.esp.device, layout.esp.size, "efi").stage(Stage::Fs)?;
-        let fs_uuid = Uuid::new_v4();
-        fs::format_ext4(&layout.root.device, "root", fs_uuid).stage(Stage::Fs)?;
-        let root = PathBuf::from(ROOT_MOUNT);
-        let root_mount =
-            Mount::new(&layout.root.device, &root, "ext4", MsFlags::empty()).stage(Stage::Fs)?;
-
-        ctx.report(Stage::Fetch, 0);
-        let streamed = stream_rootfs(ctx, &root)?;
-        self.fetched_bytes = streamed.fetched_bytes;
-
-        write_fstab(&root, &layout).stage(Stage::Fstab)?;
-        let esp_dir = root.join("boot/efi");
-        let esp_mount = Mount::new(&layout.esp.device, &esp_dir, "vfat", MsFlags::empty())
-            .context("mount the ESP (the initrd must carry the fat, vfat and nls modules)")
-            .stage(Stage::Bootloader)?;
-        ctx.report(Stage::Bootloader, 0);
-        let how = bootloader::install(&BootTarget {
-            root: &root,
-            esp: &esp_dir,
-            root_device: &layout.root.device,
-            root_fs_uuid: fs_uuid,
-            root_partuuid: layout.root.partuuid,
-        })
-        .stage(Stage::Bootloader)?;
-        info!("bootloader: {how:?}");
-
-        self.layout = Some(layout);
-        self.root_fs_uuid = Some(fs_uuid);
-        self.esp_volume_id = Some(esp_id);
-        self.root_mount = Some(root_mount);
-        self.esp_mount = Some(esp_mount);
-        Ok(())
-    }
-
-    fn post_build(&mut self, ctx: &BuildContext) -> Result<MethodOutcome, StageError> {
-        // The ESP is mounted inside the root: unmount it first.
-        if let Some(m) = self.esp_mount.take() {
-            m.unmount().stage(Stage::Finish)?;
-        }
-        if let Some(m) = self.root_mount.take() {
-            m.unmount().stage(Stage::Finish)?;
-        }
-        if let Some(v) = &self.volume {
-            v.file
-                .sync_all()
-                .context("flush the volume")
-                .stage(Stage::Finish)?;
-        }
-        ctx.report(Stage::Finish, 100);
-        let layout = self.layout.as_ref().expect("build partitioned the volume");
-        let entries = vec![
-            LayoutEntry {
-                device: layout.esp.device.display().to_string(),
-                role: "esp".into(),
-                number: Some(layout.esp.number),
-                partuuid: Some(layout.esp.partuuid.to_string()),
-                start_bytes: layout.esp.start,
-                size_bytes: layout.esp.size,
-                fs: Some("vfat".into()),
-                uuid: self
-                    .esp_volume_id
-                    .map(|id| format!("{:04X}-{:04X}", id >> 16, id & 0xffff)),
-            },
-            LayoutEntry {
-                device: layout.root.device.display().to_string(),
-                role: "root".into(),
-                number: Some(layout.root.number),
-                partuuid: Some(layout.root.partuuid.to_string()),
-                start_bytes: layout.root.start,
-                size_bytes: layout.root.size,
-                fs: Some("ext4".into()),
-                uuid: self.root_fs_uuid.map(|u| u.to_string()),
-            },
-        ];
-        for e in &entries {
-            info!(
-                "layout: {} {} #{} {} MiB at {} MiB, {} {}",
-                e.device,
-                e.role,
-                e.number.unwrap_or(0),
-                e.size_bytes >> 20,
-                e.start_bytes >> 20,
-                e.fs.as_deref().unwrap_or("-"),
-                e.uuid.as_deref().unwrap_or("-")
-            );
-        }
-        Ok(MethodOutcome {
-            bytes: self.fetched_bytes,
-            layout: entries,
-        })
+/// One partition of the new layout, for the done line.
+fn layout_entry(part: &PartitionInfo, role: &str, fs: &str, uuid: String) -> LayoutEntry {
+    LayoutEntry {
+        device: part.device.display().to_string(),
+        role: role.into(),
+        number: Some(part.number),
+        partuuid: Some(part.partuuid.to_string()),
+        start_bytes: part.start,
+        size_bytes: part.size,
+        fs: Some(fs.into()),
+        uuid: Some(uuid),
     }
 }
 
