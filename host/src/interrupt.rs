@@ -22,9 +22,19 @@ pub fn on_interrupt(cleanup: impl FnOnce() + Send + 'static) {
                 _ = term.recv() => {}
             }
         });
+        INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
         cleanup();
         std::process::exit(130);
     });
+}
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True once a signal has started the cleanup. The work it interrupts then
+/// fails (its server vanishes under it); the caller must not report that
+/// failure and exit 1 before the cleanup exits 130.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// Files this process is writing and has not renamed into place yet.

@@ -115,6 +115,12 @@ fn main() {
     }
     init_logging(cli.verbose);
     if let Err(e) = run(cli) {
+        if host::interrupt::interrupted() {
+            // The interrupt's cleanup is running and exits with 130.
+            loop {
+                std::thread::park();
+            }
+        }
         eprintln!("imgforge: error: {e:#}");
         std::process::exit(1);
     }
