@@ -2,7 +2,7 @@
 # Installs what imgforge, its build and its tests need on a Debian 12 machine, then checks that
 # every tool is there and runs. The list is scripts/tools.list (shared with imgforge's errors).
 #
-#   scripts/setup.sh           install what is missing (apt, rustup), then check
+#   scripts/setup.sh           install what is missing (apt, rustup, pip), then check
 #   scripts/setup.sh --check   only check: one line per missing tool with the command that
 #                              installs it; exit 1 if any is missing. No network, no root.
 #
@@ -13,6 +13,8 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 list="$here/tools.list"
+# Where the list's `pip:SPEC` packages are installed (the same path as in tools.list and tools.rs).
+venv=/opt/imgforge/venv
 
 mode=install
 case "${1:-}" in
@@ -45,6 +47,7 @@ install_command() {
   case "$package" in
     rustup) echo "rustup target add $what" ;;
     rust) echo "install Rust with rustup" ;;
+    pip:*) echo "python3 -m venv $venv && $venv/bin/pip install '${package#pip:}'" ;;
     *) echo "apt-get install $package" ;;
   esac
 }
@@ -84,7 +87,7 @@ installed_version() {
 apt_packages=()
 need_apt=0
 while read -r kind what package purpose; do
-  case "$package" in rustup|rust) continue ;; esac
+  case "$package" in rustup|rust|pip:*) continue ;; esac
   [[ " ${apt_packages[*]} " == *" $package "* ]] || apt_packages+=("$package")
   if [ -z "$(installed_version "$package")" ] || ! present "$kind" "$what"; then need_apt=1; fi
 done < <(entries)
@@ -155,6 +158,20 @@ while read -r kind what package purpose; do
   if [ "$kind" = rust-target ] && ! present "$kind" "$what"; then
     echo "== setup: rustup target add $what"
     rustup target add "$what"
+  fi
+done < <(entries)
+
+# PyPI packages, into one venv (after apt: python3-venv makes it).
+while read -r kind what package purpose; do
+  case "$package" in pip:*) ;; *) continue ;; esac
+  if ! present "$kind" "$what"; then
+    if [ ! -x "$venv/bin/pip" ]; then
+      echo "== setup: python3 -m venv $venv"
+      $SUDO mkdir -p "$(dirname "$venv")"
+      $SUDO python3 -m venv "$venv"
+    fi
+    echo "== setup: $venv/bin/pip install '${package#pip:}'"
+    $SUDO "$venv/bin/pip" install -q "${package#pip:}"
   fi
 done < <(entries)
 

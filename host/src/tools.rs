@@ -14,6 +14,9 @@ use anyhow::anyhow;
 /// The list, as `scripts/setup.sh` reads it.
 pub const LIST: &str = include_str!("../../scripts/tools.list");
 
+/// The venv where the list's `pip:SPEC` packages are installed (as `scripts/setup.sh` does).
+pub const VENV: &str = "/opt/imgforge/venv";
+
 /// How a tool is found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -35,7 +38,8 @@ pub struct Tool {
     pub kind: Kind,
     /// The program name, path or target triple.
     pub what: &'static str,
-    /// The Debian package; `rustup` and `rust` are the Rust toolchain.
+    /// The Debian package; `rustup` and `rust` are the Rust toolchain; `pip:SPEC` is a PyPI
+    /// requirement installed into the venv [`VENV`].
     pub package: &'static str,
     /// What the project uses it for.
     pub purpose: &'static str,
@@ -47,6 +51,10 @@ impl Tool {
         match self.package {
             "rustup" => format!("rustup target add {}", self.what),
             "rust" => "install Rust with rustup".to_string(),
+            package if package.starts_with("pip:") => format!(
+                "python3 -m venv {VENV} && {VENV}/bin/pip install '{}'",
+                &package["pip:".len()..]
+            ),
             package => format!("apt-get install {package}"),
         }
     }
@@ -229,6 +237,11 @@ mod tests {
             std::io::Error::from(std::io::ErrorKind::PermissionDenied),
         );
         assert!(e.to_string().starts_with("run mmdebstrap"), "{e}");
+        assert_eq!(
+            tool("/opt/imgforge/venv/bin/moto_server").not_installed(),
+            "/opt/imgforge/venv/bin/moto_server is not installed: python3 -m venv /opt/imgforge/venv \
+             && /opt/imgforge/venv/bin/pip install 'moto[server]==5.2.6'"
+        );
     }
 
     #[test]
