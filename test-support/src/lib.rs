@@ -7,7 +7,13 @@
 //! service and does not imitate any service's API (the fake Scaleway API
 //! lives in the `tests` crate).
 //!
+//! Fixtures: `http_fixture`, a file server with fault injection;
+//! `s3_server`, a real S3 server (moto's server mode, a PyPI tool listed in
+//! `scripts/tools.list`) and a pass-through in front of it that fails or
+//! holds part uploads.
+//!
 //! This crate depends on no imgforge crate, so that a crate's unit tests can
 //! use it without compiling the host.
 
 pub mod http_fixture;
+pub mod s3_server;
