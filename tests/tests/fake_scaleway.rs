@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{json, Value};
+use test_support::s3_server::S3Server;
 use tests::fake_scaleway::FakeScaleway;
 
 struct Api {
@@ -66,6 +67,33 @@ impl Api {
             Some(json!({ "action": action })),
         )
         .await
+    }
+
+    /// Sends `method` to a path relative to `/block/v1/zones/{zone}`.
+    async fn block(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(
+                method,
+                format!(
+                    "{}/block/v1/zones/{}{path}",
+                    self.fake.url(),
+                    self.fake.zone()
+                ),
+            )
+            .header("X-Auth-Token", self.fake.secret());
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, v)
     }
 
     /// Polls `path` until `field.state` is `want`.
@@ -967,4 +995,466 @@ async fn metadata_server_stops_with_the_fake() {
         .send()
         .await
         .is_err());
+}
+
+// ---------------------------------------------------------------------------
+// Block API: snapshots imported from a real S3 server (moto), volumes, and
+// images from Block snapshots.
+
+/// Runs `qemu-img ARGS` in `dir`.
+fn qemu_img(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("qemu-img")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A moto with bucket `images`, and a manual fake that imports from it.
+async fn with_s3() -> (Api, S3Server) {
+    let s3 = S3Server::start().await.unwrap();
+    s3.create_bucket("images").await.unwrap();
+    let fake = FakeScaleway::builder()
+        .manual()
+        .object_storage(&s3.endpoint())
+        .start()
+        .await;
+    (Api::new(fake).await, s3)
+}
+
+async fn put_file(s3: &S3Server, key: &str, path: &std::path::Path) {
+    s3.put_object("images", key, std::fs::read(path).unwrap())
+        .await
+        .unwrap();
+}
+
+impl Api {
+    /// Imports `images/{key}`: the snapshot as answered (200).
+    async fn import(&self, key: &str, size: Option<u64>) -> Value {
+        let mut body = json!({
+            "bucket": "images",
+            "key": key,
+            "name": format!("imported {key}"),
+            "project_id": self.fake.project(),
+            "tags": ["imgforge"],
+        });
+        if let Some(size) = size {
+            body["size"] = json!(size);
+        }
+        let (st, v) = self
+            .block(
+                Method::POST,
+                "/snapshots/import-from-object-storage",
+                Some(body),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        assert_eq!(v["status"], "creating", "{v}");
+        v
+    }
+}
+
+#[tokio::test]
+async fn block_import_from_object_storage_then_an_image() {
+    let (api, s3) = with_s3().await;
+    let dir = tempfile::tempdir().unwrap();
+    qemu_img(
+        dir.path(),
+        &["create", "-q", "-f", "qcow2", "web.qcow2", "1G"],
+    );
+    put_file(&s3, "builds/web.qcow2", &dir.path().join("web.qcow2")).await;
+
+    let snap = api.import("builds/web.qcow2", None).await;
+    let id = snap["id"].as_str().unwrap().to_string();
+    assert_eq!(snap["class"], "sbs");
+    assert_eq!(snap["size"], 1u64 << 30, "the virtual size: {snap}");
+    assert_eq!(snap["project_id"], api.fake.project());
+    assert_eq!(snap["parent_volume"], Value::Null);
+    assert_eq!(snap["references"], json!([]));
+    assert_eq!(snap["tags"], json!(["imgforge"]));
+    assert_eq!(snap["zone"], "fr-par-1");
+    assert!(snap.get("project").is_none() && snap.get("snapshot").is_none());
+    let rec = api.fake.block_snapshot(&id).unwrap();
+    assert_eq!(rec.bucket.as_deref(), Some("images"));
+    assert_eq!(rec.key.as_deref(), Some("builds/web.qcow2"));
+    assert_eq!((rec.size, rec.requested_size), (1 << 30, None));
+
+    // An image before the snapshot is available: 400 (reference §7).
+    let image = json!({"name": "web", "root_volume": id, "arch": "x86_64",
+                       "project": api.fake.project(), "tags": ["imgforge"]});
+    let (st, v) = api.call(Method::POST, "/images", Some(image.clone())).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["message"], "snapshot is not available", "{v}");
+
+    api.fake.advance();
+    let (st, v) = api
+        .block(Method::GET, &format!("/snapshots/{id}"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v["status"], "available", "{v}");
+    let (_, list) = api
+        .block(
+            Method::GET,
+            &format!(
+                "/snapshots?project_id={}&name=web&tags=imgforge&page=1&page_size=10",
+                api.fake.project()
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(list["total_count"], 1, "{list}");
+    assert_eq!(list["snapshots"][0]["id"], id.as_str());
+    let (_, none) = api.block(Method::GET, "/snapshots?tags=other", None).await;
+    assert_eq!(none["total_count"], 0, "{none}");
+
+    // The image: its root volume is the Block snapshot.
+    let (st, v) = api.call(Method::POST, "/images", Some(image)).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(v["image"]["root_volume"]["id"], id.as_str());
+    assert_eq!(v["image"]["root_volume"]["volume_type"], "sbs_snapshot");
+    assert_eq!(v["image"]["root_volume"]["size"], 1u64 << 30);
+    let image_id = v["image"]["id"].as_str().unwrap().to_string();
+
+    // A Block id is no Instance resource.
+    for path in [format!("/snapshots/{id}"), format!("/volumes/{id}")] {
+        for m in [Method::GET, Method::DELETE] {
+            let (st, v) = api.call(m.clone(), &path, None).await;
+            assert_eq!(st, StatusCode::NOT_FOUND, "{m} {path}: {v}");
+            assert_eq!(v["type"], "not_found");
+        }
+    }
+
+    // In use by the image: not deleted; the image goes, the snapshot stays.
+    let (st, v) = api
+        .block(Method::DELETE, &format!("/snapshots/{id}"), None)
+        .await;
+    assert_eq!(st, StatusCode::PRECONDITION_FAILED, "{v}");
+    assert_eq!(v["precondition"], "resource_still_in_use");
+    api.fake.advance();
+    let (st, _) = api
+        .call(Method::DELETE, &format!("/images/{image_id}"), None)
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    assert_eq!(api.fake.block_snapshots().len(), 1);
+    let (st, _) = api
+        .block(Method::DELETE, &format!("/snapshots/{id}"), None)
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    assert!(api.fake.block_snapshots().is_empty());
+    let (st, v) = api
+        .block(Method::GET, &format!("/snapshots/{id}"), None)
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
+}
+
+#[tokio::test]
+async fn block_import_refuses_what_scaleway_refuses() {
+    let (api, s3) = with_s3().await;
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qemu_img(p, &["create", "-q", "-f", "qcow2", "base.qcow2", "1G"]);
+    qemu_img(
+        p,
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "compression_type=zstd",
+            "base.qcow2",
+            "zstd.qcow2",
+        ],
+    );
+    qemu_img(
+        p,
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "compression_type=zlib",
+            "base.qcow2",
+            "zlib.qcow2",
+        ],
+    );
+    qemu_img(
+        p,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "child.qcow2",
+        ],
+    );
+    qemu_img(
+        p,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            "secret,id=sec0,data=pw",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0",
+            "enc.qcow2",
+            "1G",
+        ],
+    );
+    qemu_img(p, &["create", "-q", "-f", "qcow2", "small.qcow2", "512M"]);
+    for f in ["base", "zstd", "zlib", "child", "enc", "small"] {
+        put_file(&s3, &format!("{f}.qcow2"), &p.join(format!("{f}.qcow2"))).await;
+    }
+    s3.put_object("images", "raw.qcow2", vec![0; 4096])
+        .await
+        .unwrap();
+
+    // Content problems: accepted, then `error`; the reason is the fake's.
+    let cases = [
+        ("zstd.qcow2", None, "zstd-compressed"),
+        ("child.qcow2", None, "backing file"),
+        ("enc.qcow2", None, "encrypted"),
+        ("small.qcow2", None, "virtual size 536870912 is not between"),
+        ("raw.qcow2", None, "not a QCOW2 image"),
+        ("missing.qcow2", None, "not found"),
+        (
+            "base.qcow2",
+            Some(1_000_000_000),
+            "smaller than the image's virtual size",
+        ),
+    ];
+    let mut ids = vec![];
+    for (key, size, _) in &cases {
+        ids.push(
+            api.import(key, *size).await["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    // The next valid import fails as the test says; the one after succeeds.
+    api.fake.fail_next_import("the fake was told to fail");
+    let failed = api.import("base.qcow2", None).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let zlib = api.import("zlib.qcow2", Some(2_000_000_000)).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let small_sized = api.import("small.qcow2", Some(1_000_000_000)).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    api.fake.advance();
+    for ((key, _, reason), id) in cases.iter().zip(&ids) {
+        let (_, v) = api
+            .block(Method::GET, &format!("/snapshots/{id}"), None)
+            .await;
+        assert_eq!(v["status"], "error", "{key}: {v}");
+        assert!(
+            v.get("error_reason").is_none(),
+            "the API has no reason: {v}"
+        );
+        let rec = api.fake.block_snapshot(id).unwrap();
+        let got = rec.error_reason.unwrap_or_default();
+        assert!(got.contains(reason), "{key}: {got:?} lacks {reason:?}");
+    }
+    let rec = api.fake.block_snapshot(&failed).unwrap();
+    assert_eq!(
+        (rec.status.as_str(), rec.error_reason.as_deref()),
+        ("error", Some("the fake was told to fail"))
+    );
+    let rec = api.fake.block_snapshot(&zlib).unwrap();
+    assert_eq!(
+        (rec.status.as_str(), rec.size),
+        ("available", 2_000_000_000),
+        "{rec:?}"
+    );
+    // A 512 MiB image with an explicit size of 1 GB is within the limits.
+    assert_eq!(
+        api.fake.block_snapshot(&small_sized).unwrap().status,
+        "available"
+    );
+
+    // Argument problems: 400 at once, nothing created.
+    let n = api.fake.block_snapshots().len();
+    let bad = [
+        (
+            json!({"bucket": "images", "key": "disk.raw", "name": "r"}),
+            "key",
+        ),
+        (json!({"bucket": "images", "key": "base.qcow2"}), "name"),
+        (json!({"key": "base.qcow2", "name": "x"}), "bucket"),
+        (
+            json!({"bucket": "images", "key": "base.qcow2", "name": "x", "size": 500_000_000}),
+            "size",
+        ),
+        (
+            json!({"bucket": "images", "key": "base.qcow2", "name": "x", "size": 2_000_000_000_000u64}),
+            "size",
+        ),
+        (
+            json!({"bucket": "images", "key": "base.qcow2", "name": "x", "project_id": "nope"}),
+            "project_id",
+        ),
+    ];
+    for (body, arg) in bad {
+        let (st, v) = api
+            .block(
+                Method::POST,
+                "/snapshots/import-from-object-storage",
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert_eq!(v["type"], "invalid_arguments", "{v}");
+        assert_eq!(v["details"][0]["argument_name"], arg, "{v}");
+    }
+    let (st, v) = api
+        .block(
+            Method::POST,
+            "/snapshots/import-from-object-storage",
+            Some(json!({"bucket": "images", "key": "base.qcow2", "name": "x",
+                        "project_id": uuid_v4()})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(api.fake.block_snapshots().len(), n);
+
+    // Without Object Storage, the fake refuses imports: a test-setup mistake.
+    let plain = fast().await;
+    let (st, v) = plain
+        .block(
+            Method::POST,
+            "/snapshots/import-from-object-storage",
+            Some(json!({"bucket": "images", "key": "base.qcow2", "name": "x"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("object_storage"),
+        "{v}"
+    );
+}
+
+fn uuid_v4() -> String {
+    // A UUID that is not the fake's project.
+    "3f2b1c4e-8d7a-4b6e-9c1d-2a3b4c5d6e7f".to_string()
+}
+
+#[tokio::test]
+async fn block_volumes_and_their_snapshots() {
+    let api = Api::new(FakeScaleway::builder().manual().start().await).await;
+    let (st, v) = api
+        .block(
+            Method::POST,
+            "/volumes",
+            Some(
+                json!({"name": "data", "project_id": api.fake.project(), "perf_iops": 15000,
+                        "from_empty": {"size": 20_000_000_000u64}, "tags": ["t"]}),
+            ),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["status"], "creating");
+    assert_eq!(v["type"], "sbs_15k");
+    assert_eq!(v["specs"], json!({"perf_iops": 15000, "class": "sbs"}));
+    assert_eq!(v["parent_snapshot_id"], Value::Null);
+    let vol = v["id"].as_str().unwrap().to_string();
+    // A snapshot needs the volume out of `creating`.
+    let snap_body =
+        json!({"volume_id": vol, "name": "s1", "project_id": api.fake.project(), "tags": ["a"]});
+    let (st, v) = api
+        .block(Method::POST, "/snapshots", Some(snap_body.clone()))
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{v}");
+    api.fake.advance();
+    let (_, v) = api
+        .block(Method::GET, &format!("/volumes/{vol}"), None)
+        .await;
+    assert_eq!(v["status"], "available", "{v}");
+
+    let (st, v) = api.block(Method::POST, "/snapshots", Some(snap_body)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["status"], "creating");
+    assert_eq!(v["parent_volume"]["id"], vol.as_str());
+    assert_eq!(v["parent_volume"]["type"], "sbs_15k");
+    assert_eq!(v["size"], 20_000_000_000u64);
+    let snap = v["id"].as_str().unwrap().to_string();
+    api.fake.advance();
+    let (st, v) = api
+        .block(
+            Method::PATCH,
+            &format!("/snapshots/{snap}"),
+            Some(json!({"name": "s2", "tags": ["b"]})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(
+        (v["name"].as_str(), v["status"].as_str()),
+        (Some("s2"), Some("available"))
+    );
+    let (_, list) = api
+        .block(
+            Method::GET,
+            &format!("/snapshots?volume_id={vol}&tags=b"),
+            None,
+        )
+        .await;
+    assert_eq!(list["total_count"], 1, "{list}");
+
+    // A volume from the snapshot: not smaller than it.
+    let (st, v) = api
+        .block(Method::POST, "/volumes",
+               Some(json!({"name": "copy", "from_snapshot": {"snapshot_id": snap, "size": 1_000_000_000u64}})))
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    let (st, v) = api
+        .block(
+            Method::POST,
+            "/volumes",
+            Some(json!({"name": "copy", "from_snapshot": {"snapshot_id": snap}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["parent_snapshot_id"], snap.as_str());
+    assert_eq!(v["type"], "sbs_5k");
+    assert_eq!(v["size"], 20_000_000_000u64);
+    let (st, v) = api
+        .block(Method::POST, "/volumes", Some(json!({"name": "none"})))
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+
+    let (_, list) = api
+        .block(Method::GET, "/volumes?page_size=1&page=2", None)
+        .await;
+    assert_eq!(list["total_count"], 2, "{list}");
+    assert_eq!(list["volumes"].as_array().unwrap().len(), 1);
+    assert_eq!(list["volumes"][0]["name"], "copy", "oldest first: {list}");
+    let (st, _) = api.block(Method::GET, "/volumes?page_size=101", None).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    api.fake.advance();
+    let (st, _) = api
+        .block(Method::DELETE, &format!("/volumes/{vol}"), None)
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    assert_eq!(api.fake.block_volumes().len(), 1);
+    let (st, v) = api
+        .block(Method::GET, &format!("/volumes/{vol}"), None)
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert_eq!(v["resource"], "block_volume");
 }

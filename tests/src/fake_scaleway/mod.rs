@@ -1,5 +1,6 @@
-//! An in-process fake of Scaleway's Instance API v1, for contract tests of
-//! the Scaleway provider (this machine cannot reach Scaleway).
+//! An in-process fake of Scaleway's Instance API v1 and of the parts of the
+//! Block API v1 that an image push uses, for contract tests of the Scaleway
+//! provider (this machine cannot reach Scaleway).
 //!
 //! # What it fakes
 //!
@@ -33,12 +34,75 @@
 //! "Legacy API mode"); with [`FakeScaleway::serve_metadata`], the metadata
 //! API of one server (reference §4).
 //!
+//! With [`Builder::object_storage`], the Block API can import a QCOW2 from
+//! a real S3 server (see "Block API").
+//!
 //! Server states follow §2.2: `stopped` → (`poweron`) `starting` → `running`
 //! → (`poweroff`) `stopping` → `stopped`, or (`stop_in_place`) → `stopped in
 //! place`; `reboot` goes through `starting`; `terminate` shows `stopping` and
 //! then deletes the server with its `l_ssd`/`scratch` volumes (an
 //! `sbs_volume` is only detached). Snapshots go `snapshotting` → `available`,
 //! images `creating` → `available`.
+//!
+//! # Block API (`block.rs`)
+//!
+//! `https://api.scaleway.com/block/v1/zones/{zone}/…` (reference §3, §7;
+//! field shapes from scaleway-sdk-js `packages_generated/block/src/v1`).
+//! Same authentication, zones and error shapes as the Instance part, but
+//! objects come back **unwrapped** (`POST /snapshots` answers the snapshot
+//! itself, not `{snapshot}`), with `project_id`, dates `created_at` /
+//! `updated_at`, and lists are `{snapshots|volumes: [...], total_count}`,
+//! paginated with `page` and `page_size` (1..=100, default 50; no
+//! `X-Total-Count` or `Link`), oldest first (the API's default
+//! `created_at_asc`).
+//!
+//! * `POST /snapshots/import-from-object-storage` `{bucket, key, name,
+//!   project_id, tags?, size?}` → 200, the snapshot in `creating`; it reads
+//!   `GET {endpoint}/{bucket}/{key}` (path style, first 4 KiB, with a dummy
+//!   `Authorization` header: moto checks no signature but refuses
+//!   anonymous reads) from [`Builder::object_storage`] when the request
+//!   arrives, and decides then whether the snapshot will end `available` or
+//!   `error` after the delay (or [`FakeScaleway::advance`]).
+//!   - Synchronous 400 `invalid_arguments` (the request's arguments): no
+//!     `bucket`, `key` or `name`; a `key` not ending in `.qcow2`/`.qcow`; a
+//!     `size` outside 1 GB..=1 TB (SI); a `project_id` that is not a UUID
+//!     (another project: 403). No [`Builder::object_storage`]: 400
+//!     `invalid_request_error` (a test-setup mistake).
+//!   - Asynchronous `creating` → `error` (the object's content, found when
+//!     reading it): no such object (or bucket), S3 unreachable, no QCOW2
+//!     magic `QFI\xfb`, version other than 2 or 3, a backing file, encryption
+//!     (`crypt_method` ≠ 0), zstd compression (v3 header length ≥ 105 with
+//!     compression type 1 at byte 104, or incompatible feature bit 3 with
+//!     it), a virtual size outside 1 GB..=1 TB when no `size` is given, a
+//!     `size` smaller than the virtual size. The snapshot's `size` is the
+//!     given `size`, else the virtual size (0 if unreadable).
+//!   - The Block Snapshot has **no error-reason field**, so the API shows
+//!     only `status: "error"`; the reason is in the fake's record,
+//!     [`BlockSnapshot::error_reason`], for tests. [`FakeScaleway::fail_next_import`]
+//!     makes the next import that passes every check end in `error` with a
+//!     given reason. The record also keeps `bucket`, `key`, `requested_size`.
+//! * `POST /snapshots {volume_id, name, project_id, tags}` (of a Block volume:
+//!   `creating` → `available`, `parent_volume` `{id, name, type, status}`),
+//!   `GET /snapshots?project_id=&name=&tags=&volume_id=&page=&page_size=`,
+//!   `GET|PATCH|DELETE /snapshots/{id}` (PATCH: `name`, `tags`; DELETE: 204,
+//!   412 `resource_still_in_use` while an image uses it, 409 while
+//!   `creating`).
+//! * `POST /volumes {name, project_id, perf_iops? (5000 → sbs_5k, 15000 →
+//!   sbs_15k), from_empty:{size} | from_snapshot:{snapshot_id, size?},
+//!   tags}` (`creating` → `available`), `GET /volumes?name=&project_id=&
+//!   volume_type=&product_resource_id=&tags=&page=&page_size=`, `GET|DELETE
+//!   /volumes/{id}` (412 `resource_still_in_use` while attached to a
+//!   server).
+//! * Instance interplay: `POST /instance/…/images` takes a Block snapshot id
+//!   as `root_volume`; before it is `available` that is 400
+//!   `invalid_arguments` with message `"snapshot is not available"`
+//!   (reference §7, packer-plugin-scaleway#39); the image's
+//!   `root_volume.volume_type` is `sbs_snapshot`. A Block id is not an
+//!   Instance snapshot or volume (404 `not_found` on those paths). Deleting
+//!   an image leaves its snapshot.
+//! * Inspection: [`FakeScaleway::block_snapshots`], [`FakeScaleway::block_snapshot`],
+//!   [`FakeScaleway::block_volumes`]. [`FakeScaleway::fail_next`] takes
+//!   absolute `/block/…` prefixes too.
 //!
 //! # Legacy API mode ([`Builder::bootscripts`])
 //!
@@ -114,6 +178,16 @@
 //! * Lists are ordered newest first (the API's default
 //!   `creation_date_desc`). `name=` matches a substring; `tags=a,b` matches
 //!   servers that have every listed tag.
+//! * Block API: `not_found` names the resources `block_snapshot` and
+//!   `block_volume`, and `transient_state` uses them too (guesses, by
+//!   analogy with `instance_*`). `tags=` (repeated, as the SDKs send a list,
+//!   or comma-separated) matches objects that have every listed tag;
+//!   `name=` matches a substring. A snapshot's `references` is always `[]`
+//!   (images are not shown there). Which import problems the real API
+//!   refuses at once and which it reports by `error` is not documented: the
+//!   split above (arguments at once, content later) is the fake's choice,
+//!   and so are the reasons' words. `size` is also accepted as a string
+//!   (some clients quote uint64s).
 //! * `inject_500` answers a plain-text body (what a gateway error looks
 //!   like), not the JSON error shape.
 //!
@@ -176,6 +250,9 @@ use axum::http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use host::provider::local::metadata_server::{MetadataStore, ServerMetadata, VolumeMetadata};
 use serde_json::{json, Map, Value};
 use tokio::task::JoinHandle;
+
+mod block;
+pub use block::{BlockSnapshot, BlockVolume};
 
 /// The zones of reference §1.
 pub const ZONES: &[&str] = &[
@@ -325,6 +402,11 @@ enum Step {
     ServerTerminate,
     SnapshotAvailable,
     ImageAvailable,
+    /// A Block snapshot leaves `creating`: `available`, or `error` with
+    /// this reason.
+    BlockSnapshotDone(Option<String>),
+    /// A Block volume leaves `creating`.
+    BlockVolumeAvailable,
 }
 
 struct FailRule {
@@ -345,6 +427,8 @@ struct Config {
     commercial_types: Vec<String>,
     /// `Some`: the legacy (pre-May-2023) API that accepts these bootscripts.
     bootscripts: Option<Vec<Bootscript>>,
+    /// The S3 endpoint (path style) that Block snapshot imports read from.
+    object_storage: Option<String>,
 }
 
 #[derive(Default)]
@@ -353,6 +437,10 @@ struct State {
     volumes: Vec<Volume>,
     snapshots: Vec<Snapshot>,
     images: Vec<Image>,
+    block_snapshots: Vec<BlockSnapshot>,
+    block_volumes: Vec<BlockVolume>,
+    /// Reasons for the next valid imports to end in `error`.
+    fail_imports: VecDeque<String>,
     pending: HashMap<String, (Option<Instant>, Step)>,
     calls: Vec<Call>,
     n429: u32,
@@ -435,6 +523,16 @@ impl Builder {
         self
     }
 
+    /// The Object Storage (S3) endpoint that `POST
+    /// /block/v1/zones/{zone}/snapshots/import-from-object-storage` reads
+    /// the QCOW2 from, path style: `GET {endpoint}/{bucket}/{key}` (e.g.
+    /// `test_support::s3_server::S3Server::endpoint`). Without it, imports
+    /// are refused (400: a test-setup mistake).
+    pub fn object_storage(mut self, endpoint: &str) -> Self {
+        self.cfg.object_storage = Some(endpoint.trim_end_matches('/').to_string());
+        self
+    }
+
     /// Binds 127.0.0.1:0 and serves in the current tokio runtime.
     pub async fn start(self) -> FakeScaleway {
         let inner = Arc::new(Inner {
@@ -509,6 +607,7 @@ impl FakeScaleway {
             labels: BTreeMap::new(),
             commercial_types: COMMERCIAL_TYPES.iter().map(|s| s.to_string()).collect(),
             bootscripts: None,
+            object_storage: None,
         };
         add_label(&mut cfg, "debian_bookworm", "x86_64");
         add_label(&mut cfg, "ubuntu_jammy", "x86_64");
@@ -578,6 +677,18 @@ impl FakeScaleway {
             body: body.into(),
             after_effect,
         });
+    }
+
+    /// The next Block snapshot import that passes every check ends in
+    /// `error` instead of `available`, with `reason` as its
+    /// [`BlockSnapshot::error_reason`] (the API itself shows no reason).
+    pub fn fail_next_import(&self, reason: &str) {
+        self.inner
+            .state
+            .lock()
+            .unwrap()
+            .fail_imports
+            .push_back(reason.into());
     }
 
     /// Calls `hook` each time a `poweron` is accepted (outside the fake's
@@ -659,6 +770,21 @@ impl FakeScaleway {
         let mut st = self.inner.state.lock().unwrap();
         st.tick(false);
         st.images.clone()
+    }
+    /// The Block API's snapshots (imports included), oldest first.
+    pub fn block_snapshots(&self) -> Vec<BlockSnapshot> {
+        let mut st = self.inner.state.lock().unwrap();
+        st.tick(false);
+        st.block_snapshots.clone()
+    }
+    pub fn block_snapshot(&self, id: &str) -> Option<BlockSnapshot> {
+        self.block_snapshots().into_iter().find(|s| s.id == id)
+    }
+    /// The Block API's volumes, oldest first.
+    pub fn block_volumes(&self) -> Vec<BlockVolume> {
+        let mut st = self.inner.state.lock().unwrap();
+        st.tick(false);
+        st.block_volumes.clone()
     }
 }
 
@@ -876,14 +1002,25 @@ fn is_uuid(s: &str) -> bool {
 // ---------------------------------------------------------------------------
 // Request handling
 
+/// Which API a path is under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Api {
+    /// `/instance/v1/zones/{zone}`
+    Instance,
+    /// `/block/v1/zones/{zone}`
+    Block,
+}
+
 struct Req {
     method: Method,
     zone: String,
-    /// Path segments after `/instance/v1/zones/{zone}`.
+    /// Path segments after `/{api}/v1/zones/{zone}`.
     segs: Vec<String>,
     query: Vec<(String, String)>,
     headers: HeaderMap,
     body: Vec<u8>,
+    /// A snapshot import's object, read before the request was routed.
+    object: Option<block::ObjectRead>,
 }
 
 impl Req {
@@ -892,6 +1029,17 @@ impl Req {
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of a repeated query parameter (`tags=a&tags=b`), a
+    /// comma-separated one split.
+    fn all(&self, key: &str) -> Vec<&str> {
+        self.query
+            .iter()
+            .filter(|(k, _)| k == key)
+            .flat_map(|(_, v)| v.split(','))
+            .filter(|v| !v.is_empty())
+            .collect()
     }
 
     fn content_type(&self) -> &str {
@@ -938,6 +1086,13 @@ async fn handle(inner: Arc<Inner>, req: Request<Body>) -> Response<Body> {
         .unwrap_or_default();
     let path = parts.uri.path().to_string();
     let query = parts.uri.query().unwrap_or("").to_string();
+    // A snapshot import reads its object now, before the locks (the routes
+    // are synchronous).
+    let object = if parts.method == Method::POST && block::is_import_path(&path) {
+        block::read_object(&inner, &body).await
+    } else {
+        None
+    };
     let mut call = Call {
         method: parts.method.to_string(),
         path: path.clone(),
@@ -954,7 +1109,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Body>) -> Response<Body> {
             .and_then(|r| r.find('/').map(|i| r[i..].to_string()))
             .unwrap_or_default();
         let rule = st.fail.iter().position(|r| {
-            if r.prefix.starts_with("/instance/") {
+            if r.prefix.starts_with("/instance/") || r.prefix.starts_with("/block/") {
                 path.starts_with(&r.prefix)
             } else {
                 zone_rel.starts_with(&r.prefix)
@@ -996,7 +1151,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Body>) -> Response<Body> {
             None => {
                 st.tick(false);
                 let mut fired = vec![];
-                let r = route(&cfg, &mut st, &parts, &path, &query, body, &mut fired);
+                let r = route(&cfg, &mut st, &parts, body, object, &mut fired);
                 let reply = match r {
                     Ok(r) | Err(r) => r,
                 };
@@ -1022,11 +1177,12 @@ fn route(
     cfg: &Config,
     st: &mut State,
     parts: &axum::http::request::Parts,
-    path: &str,
-    query: &str,
     body: Vec<u8>,
+    object: Option<block::ObjectRead>,
     fired: &mut Vec<Server>,
 ) -> R {
+    let path = parts.uri.path();
+    let query = parts.uri.query().unwrap_or("");
     let token = parts
         .headers
         .get("x-auth-token")
@@ -1050,7 +1206,14 @@ fn route(
         }
         Some(_) => {}
     }
-    let Some(rest) = path.strip_prefix("/instance/v1/zones/") else {
+    let (api, rest) = if let Some(rest) = path.strip_prefix("/instance/v1/zones/") {
+        (Api::Instance, Some(rest))
+    } else if let Some(rest) = path.strip_prefix("/block/v1/zones/") {
+        (Api::Block, Some(rest))
+    } else {
+        (Api::Instance, None)
+    };
+    let Some(rest) = rest else {
         return Err(err(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -1077,7 +1240,11 @@ fn route(
         query: parse_query(query),
         headers: parts.headers.clone(),
         body,
+        object,
     };
+    if api == Api::Block {
+        return block::route(cfg, st, &req);
+    }
     let segs: Vec<&str> = req.segs.iter().map(|s| s.as_str()).collect();
     let m = &req.method;
     match (m.as_str(), segs.as_slice()) {
@@ -1439,10 +1606,8 @@ fn resolve_image(
                 return Err(transient("instance_image", image_ref, &img.state));
             }
             let size = st
-                .snapshots
-                .iter()
-                .find(|s| s.id == img.root_volume)
-                .map_or(ROOT_SIZE, |s| s.size);
+                .root_snapshot(&img.root_volume)
+                .map_or(ROOT_SIZE, |(_, size, _)| size);
             (img.id.clone(), img.arch.clone(), Some(size))
         }
     } else {
@@ -1925,9 +2090,33 @@ fn create_image(cfg: &Config, st: &mut State, req: &Req) -> R {
     let root = str_field(&m, "root_volume")?.unwrap().to_string();
     let project = check_project(cfg, &m)?;
     let tags = tags_field(&m)?.unwrap_or_default();
-    let snap = st.snapshot(&req.zone, &root)?;
-    if snap.state != "available" {
-        return Err(transient("instance_snapshot", &root, &snap.state));
+    // An Instance snapshot, or a Block snapshot (`sbs_snapshot`), which
+    // must be `available` (reference §7, packer-plugin-scaleway#39).
+    match st.snapshot(&req.zone, &root) {
+        Ok(snap) if snap.state != "available" => {
+            return Err(transient("instance_snapshot", &root, &snap.state));
+        }
+        Ok(_) => {}
+        Err(not_instance) => match st
+            .block_snapshots
+            .iter()
+            .find(|s| s.id == root && s.zone == req.zone)
+        {
+            None => return Err(not_instance),
+            Some(b) if b.status != "available" => {
+                return Err(err(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_arguments",
+                    "snapshot is not available",
+                    json!({"details": [{
+                        "argument_name": "root_volume",
+                        "reason": "constraint",
+                        "help_message": format!("snapshot is not available (status {})", b.status),
+                    }]}),
+                ));
+            }
+            Some(_) => {}
+        },
     }
     let id = new_id();
     let img = Image {
@@ -2018,6 +2207,8 @@ impl State {
                         i.state = "available".into();
                     }
                 }
+                Step::BlockSnapshotDone(error) => self.block_snapshot_done(&id, error, date),
+                Step::BlockVolumeAvailable => self.block_volume_available(&id, date),
             }
         }
     }
@@ -2068,6 +2259,18 @@ impl State {
             .ok_or_else(|| not_found("instance_image", id))
     }
 
+    /// An image's root snapshot, Instance or Block: name, size and
+    /// `volume_type` (`sbs_snapshot` for a Block one).
+    fn root_snapshot(&self, id: &str) -> Option<(String, u64, String)> {
+        if let Some(s) = self.snapshots.iter().find(|s| s.id == id) {
+            return Some((s.name.clone(), s.size, s.volume_type.clone()));
+        }
+        self.block_snapshots
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| (s.name.clone(), s.size, "sbs_snapshot".to_string()))
+    }
+
     fn volume_json(&self, cfg: &Config, v: &Volume) -> Value {
         let server = v.server.as_ref().map(|sid| {
             let name = self
@@ -2096,7 +2299,7 @@ impl State {
     }
 
     fn image_json(&self, cfg: &Config, i: &Image) -> Value {
-        let root = self.snapshots.iter().find(|s| s.id == i.root_volume);
+        let root = self.root_snapshot(&i.root_volume);
         json!({
             "id": i.id,
             "name": i.name,
@@ -2104,9 +2307,9 @@ impl State {
             "state": i.state,
             "root_volume": {
                 "id": i.root_volume,
-                "name": root.map(|s| s.name.clone()).unwrap_or_default(),
-                "size": root.map_or(0, |s| s.size),
-                "volume_type": root.map(|s| s.volume_type.clone()).unwrap_or_default(),
+                "name": root.as_ref().map(|(name, _, _)| name.clone()).unwrap_or_default(),
+                "size": root.as_ref().map_or(0, |(_, size, _)| *size),
+                "volume_type": root.map(|(_, _, t)| t).unwrap_or_default(),
             },
             "extra_volumes": {},
             "from_server": "",
