@@ -1458,3 +1458,203 @@ async fn block_volumes_and_their_snapshots() {
     assert_eq!(st, StatusCode::NOT_FOUND);
     assert_eq!(v["resource"], "block_volume");
 }
+
+// ---------------------------------------------------------------------------
+// SBS servers and marketplace local images.
+
+#[tokio::test]
+async fn sbs_volumes_of_a_server_are_block_volumes() {
+    let api = fast().await;
+    let (st, v) = api
+        .call(
+            Method::POST,
+            "/servers",
+            Some(json!({
+                "name": "sbs",
+                "commercial_type": "DEV1-S",
+                "image": "debian_bookworm",
+                "volumes": {
+                    "0": {"volume_type": "sbs_volume", "size": 20_000_000_000u64},
+                    "1": {"volume_type": "sbs_volume", "size": 30_000_000_000u64},
+                },
+            })),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let server = v["server"].clone();
+    let sid = server["id"].as_str().unwrap().to_string();
+    let root = server["volumes"]["0"]["id"].as_str().unwrap().to_string();
+    let extra = server["volumes"]["1"]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        server["volumes"]["0"]["volume_type"], "sbs_volume",
+        "{server}"
+    );
+    assert_eq!(server["volumes"]["0"]["boot"], true);
+    assert_eq!(server["volumes"]["1"]["size"], 30_000_000_000u64);
+    assert!(api.fake.volumes().is_empty(), "no Instance volume");
+
+    // The Block API has them, attached to the server.
+    let (st, v) = api
+        .block(Method::GET, &format!("/volumes/{root}"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["status"], "in_use");
+    assert_eq!(v["size"], 20_000_000_000u64);
+    assert_eq!(v["references"][0]["product_resource_id"], sid.as_str());
+    assert_eq!(
+        v["references"][0]["product_resource_type"],
+        "instance_server"
+    );
+    let (_, list) = api
+        .block(
+            Method::GET,
+            &format!("/volumes?product_resource_id={sid}"),
+            None,
+        )
+        .await;
+    assert_eq!(list["total_count"], 2, "{list}");
+    // Not Instance volumes; not deletable while attached.
+    for m in [Method::GET, Method::DELETE] {
+        let (st, _) = api.call(m, &format!("/volumes/{extra}"), None).await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+    }
+    let (st, v) = api
+        .block(Method::DELETE, &format!("/volumes/{extra}"), None)
+        .await;
+    assert_eq!(st, StatusCode::PRECONDITION_FAILED, "{v}");
+    // A Block snapshot of an attached volume is fine.
+    let (st, v) = api
+        .block(
+            Method::POST,
+            "/snapshots",
+            Some(json!({"volume_id": root, "name": "live"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+
+    // Terminate: the server goes, its SBS volumes stay, detached.
+    api.action(&sid, "poweron").await;
+    api.wait_state(&format!("/servers/{sid}"), "server", "running")
+        .await;
+    let (st, _) = api.action(&sid, "terminate").await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    for _ in 0..100 {
+        if api.fake.server(&sid).is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(api.fake.server(&sid).is_none());
+    let vols = api.fake.block_volumes();
+    assert_eq!(vols.len(), 2);
+    for v in &vols {
+        assert_eq!(
+            (v.status.as_str(), v.server.as_deref()),
+            ("available", None)
+        );
+        assert!(v.last_detached_at.is_some());
+    }
+    let (_, v) = api
+        .block(Method::GET, &format!("/volumes/{root}"), None)
+        .await;
+    assert_eq!(v["references"], json!([]), "{v}");
+    let (st, _) = api
+        .block(Method::DELETE, &format!("/volumes/{extra}"), None)
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn marketplace_local_images_resolve_labels_per_type() {
+    let api = fast().await;
+    let http = Client::new();
+    let get = |q: &str| {
+        let url = format!("{}/marketplace/v2/local-images?{q}", api.fake.url());
+        let http = http.clone();
+        async move {
+            // Public: no token.
+            let resp = http.get(url).send().await.unwrap();
+            (resp.status(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (st, v) = get("image_label=debian_bookworm&zone=fr-par-1&type=instance_sbs").await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["total_count"], 1, "{v}");
+    let sbs = v["local_images"][0].clone();
+    assert_eq!(sbs["label"], "debian_bookworm");
+    assert_eq!(sbs["type"], "instance_sbs");
+    assert_eq!(sbs["zone"], "fr-par-1");
+    assert_eq!(sbs["arch"], "x86_64");
+    assert!(sbs["compatible_commercial_types"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("DEV1-S")));
+    assert_eq!(
+        sbs["id"].as_str(),
+        api.fake.label_sbs_image_id("debian_bookworm").as_deref()
+    );
+    let (_, v) = get("image_label=debian_bookworm&zone=fr-par-1").await;
+    assert_eq!(v["total_count"], 2, "{v}");
+    let local = v["local_images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["type"] == "instance_local")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        local["id"].as_str(),
+        api.fake.label_image_id("debian_bookworm").as_deref()
+    );
+    let (_, v) = get("image_label=no_such_label&zone=fr-par-1").await;
+    assert_eq!(v["total_count"], 0, "{v}");
+    let (st, _) = get("image_label=debian_bookworm&type=b_ssd").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+
+    // A server from the instance_sbs image gets an SBS root by default.
+    let (st, v) = api
+        .call(
+            Method::POST,
+            "/servers",
+            Some(json!({"name": "s", "commercial_type": "DEV1-S",
+                        "image": sbs["id"], "volumes": {}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        v["server"]["volumes"]["0"]["volume_type"], "sbs_volume",
+        "{v}"
+    );
+    assert_eq!(v["server"]["image"]["id"], sbs["id"]);
+    assert_eq!(api.fake.block_volumes().len(), 1);
+    // From the instance_local one, l_ssd.
+    let (_, v) = api
+        .call(
+            Method::POST,
+            "/servers",
+            Some(json!({"name": "l", "commercial_type": "DEV1-S",
+                        "image": local["id"], "volumes": {}})),
+        )
+        .await;
+    assert_eq!(v["server"]["volumes"]["0"]["volume_type"], "l_ssd", "{v}");
+}
+
+#[tokio::test]
+async fn fail_next_takes_block_paths() {
+    let api = Api::new(FakeScaleway::builder().manual().start().await).await;
+    let path = format!("/block/v1/zones/{}/volumes", api.fake.zone());
+    api.fake.fail_next(
+        &path,
+        503,
+        r#"{"type":"unavailable","message":"try later"}"#,
+    );
+    let body = json!({"name": "v", "from_empty": {"size": 10_000_000_000u64}});
+    let (st, v) = api
+        .block(Method::POST, "/volumes", Some(body.clone()))
+        .await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(api.fake.block_volumes().is_empty(), "no effect");
+    let (st, v) = api.block(Method::POST, "/volumes", Some(body)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(api.fake.calls().len(), 2);
+}

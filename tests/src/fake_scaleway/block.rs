@@ -590,7 +590,66 @@ fn block_volume_json(v: &BlockVolume) -> Value {
     })
 }
 
+/// The Block volume for an `sbs_volume` that `POST /servers` creates
+/// (`in_use` at once, 5000 IOPS).
+pub(super) fn from_server(v: &super::Volume) -> BlockVolume {
+    BlockVolume {
+        id: v.id.clone(),
+        name: v.name.clone(),
+        zone: v.zone.clone(),
+        project: v.project.clone(),
+        volume_type: "sbs_5k".into(),
+        perf_iops: 5000,
+        size: v.size,
+        status: "in_use".into(),
+        parent_snapshot_id: None,
+        server: v.server.clone(),
+        tags: vec![],
+        created_at: v.creation_date.clone(),
+        updated_at: v.creation_date.clone(),
+        last_detached_at: None,
+    }
+}
+
+/// A Block volume as the Instance API shows it in a server's `volumes`.
+pub(super) fn server_volume_json(cfg: &Config, v: &BlockVolume) -> Value {
+    json!({
+        "id": v.id,
+        "name": v.name,
+        "size": v.size,
+        "volume_type": "sbs_volume",
+        "state": "available",
+        "organization": cfg.organization,
+        "project": v.project,
+        "zone": v.zone,
+        "creation_date": v.created_at,
+        "modification_date": v.updated_at,
+    })
+}
+
 impl State {
+    pub(super) fn attach_block_volume(&mut self, id: &str, server: &str) {
+        if let Some(v) = self.block_volumes.iter_mut().find(|v| v.id == id) {
+            v.server = Some(server.into());
+            v.status = "in_use".into();
+            v.updated_at = now_rfc3339();
+        }
+    }
+
+    /// A server is gone (deleted or terminated): its Block volumes stay,
+    /// detached.
+    pub(super) fn detach_block_volumes(&mut self, server: &str) {
+        let now = now_rfc3339();
+        for v in self.block_volumes.iter_mut() {
+            if v.server.as_deref() == Some(server) {
+                v.server = None;
+                v.status = "available".into();
+                v.last_detached_at = Some(now.clone());
+                v.updated_at = now.clone();
+            }
+        }
+    }
+
     fn block_snapshot(&self, zone: &str, id: &str) -> Result<&BlockSnapshot, Reply> {
         self.block_snapshots
             .iter()
@@ -603,7 +662,7 @@ impl State {
             .find(|s| s.id == id && s.zone == zone)
             .ok_or_else(|| not_found("block_snapshot", id))
     }
-    fn block_volume(&self, zone: &str, id: &str) -> Result<&BlockVolume, Reply> {
+    pub(super) fn block_volume(&self, zone: &str, id: &str) -> Result<&BlockVolume, Reply> {
         self.block_volumes
             .iter()
             .find(|v| v.id == id && v.zone == zone)

@@ -102,7 +102,29 @@
 //!   an image leaves its snapshot.
 //! * Inspection: [`FakeScaleway::block_snapshots`], [`FakeScaleway::block_snapshot`],
 //!   [`FakeScaleway::block_volumes`]. [`FakeScaleway::fail_next`] takes
-//!   absolute `/block/…` prefixes too.
+//!   absolute `/block/…` (and `/marketplace/…`) prefixes too.
+//!
+//! # SBS servers and marketplace (`marketplace.rs`)
+//!
+//! * `POST /servers` volumes with `volume_type: "sbs_volume"` are made as
+//!   Block volumes (`sbs_5k`, `in_use`, `references` naming the server with
+//!   `product_resource_type: instance_server`), not Instance volumes: the
+//!   server JSON shows them with `volume_type: sbs_volume`, the Block API
+//!   lists them ([`FakeScaleway::block_volumes`]), and the Instance
+//!   `/volumes/{id}` routes answer 404. An existing Block volume may be
+//!   attached by `id`. `terminate` and `DELETE /servers/{id}` only detach
+//!   them (`available`, `last_detached_at` set); Block `DELETE
+//!   /volumes/{id}` is 412 while attached.
+//! * `GET /marketplace/v2/local-images?image_label=&zone=&type=&page=&page_size=`
+//!   → `{local_images: [{id, arch, zone, compatible_commercial_types,
+//!   label, type}], total_count}`: for every configured label
+//!   ([`Builder::image_label`]) one local image of type `instance_local`
+//!   (id [`FakeScaleway::label_image_id`], what the label means in `POST
+//!   /servers`) and one of type `instance_sbs` (id
+//!   [`FakeScaleway::label_sbs_image_id`]), both in the fake's zone.
+//! * The root volume of `POST /servers` without a `volume_type` is an
+//!   `sbs_volume` for an `instance_sbs` local image or an image whose root
+//!   is a Block snapshot, else `l_ssd`.
 //!
 //! # Legacy API mode ([`Builder::bootscripts`])
 //!
@@ -188,6 +210,12 @@
 //!   split above (arguments at once, content later) is the fake's choice,
 //!   and so are the reasons' words. `size` is also accepted as a string
 //!   (some clients quote uint64s).
+//! * Marketplace: public (no token checked; faults apply and calls are
+//!   recorded as everywhere); local images exist only in the fake's zone (other
+//!   zones list none); `compatible_commercial_types` is the fake's
+//!   commercial types of the image's arch (`COPARM*` for arm64). The
+//!   Instance server JSON of an `sbs_volume` has the fields of an l_ssd one
+//!   with `state: "available"` (the real shape is unverified).
 //! * `inject_500` answers a plain-text body (what a gateway error looks
 //!   like), not the JSON error shape.
 //!
@@ -252,6 +280,7 @@ use serde_json::{json, Map, Value};
 use tokio::task::JoinHandle;
 
 mod block;
+mod marketplace;
 pub use block::{BlockSnapshot, BlockVolume};
 
 /// The zones of reference §1.
@@ -381,7 +410,12 @@ pub struct Image {
 /// A stock image that a label resolves to (not listed by `GET /images`).
 #[derive(Clone, Debug)]
 struct StockImage {
+    /// The local image of type `instance_local` (what the label resolves to
+    /// in `POST /servers`).
     id: String,
+    /// The local image of type `instance_sbs` (its servers' root volume is
+    /// an `sbs_volume` by default).
+    sbs_id: String,
     name: String,
     arch: String,
 }
@@ -566,6 +600,7 @@ fn add_label(cfg: &mut Config, label: &str, arch: &str) {
         label.into(),
         StockImage {
             id: uuid::Uuid::new_v4().to_string(),
+            sbs_id: uuid::Uuid::new_v4().to_string(),
             name: label.replace('_', " "),
             arch: arch.into(),
         },
@@ -637,6 +672,11 @@ impl FakeScaleway {
         let cfg = self.inner.cfg.lock().unwrap();
         cfg.labels.get(label).map(|i| i.id.clone())
     }
+    /// The id of a configured label's `instance_sbs` local image.
+    pub fn label_sbs_image_id(&self, label: &str) -> Option<String> {
+        let cfg = self.inner.cfg.lock().unwrap();
+        cfg.labels.get(label).map(|i| i.sbs_id.clone())
+    }
 
     /// Transitions complete after `delay`.
     pub fn set_delay(&self, delay: Duration) {
@@ -661,8 +701,10 @@ impl FakeScaleway {
     }
     /// The next request whose path starts with `path_prefix` answers
     /// `status` with `body` (JSON, if it parses) and has no effect. A prefix
-    /// that does not start with `/instance/` is relative to the zone, e.g.
-    /// `/snapshots`.
+    /// that does not start with `/instance/`, `/block/` or `/marketplace/`
+    /// is relative to the Instance API's zone, e.g. `/snapshots`; a Block
+    /// one is written in full, e.g.
+    /// `/block/v1/zones/fr-par-1/snapshots/import-from-object-storage`.
     pub fn fail_next(&self, path_prefix: &str, status: u16, body: &str) {
         self.push_fail(path_prefix, status, body, false);
     }
@@ -842,16 +884,27 @@ impl MetadataStore for FakeMetadata {
                 .and_then(|id| find_bootscript(cfg, id))
                 .map(|b| bootscript_json(cfg, b, &s.zone));
             for (idx, vid) in &s.volumes {
-                if let Some(v) = st.volumes.iter().find(|v| &v.id == vid) {
-                    meta.volumes.insert(
-                        idx.to_string(),
-                        VolumeMetadata {
-                            id: v.id.clone(),
-                            name: v.name.clone(),
-                            volume_type: v.volume_type.clone(),
-                            size: v.size,
-                        },
-                    );
+                let volume = match st.volumes.iter().find(|v| &v.id == vid) {
+                    Some(v) => Some(VolumeMetadata {
+                        id: v.id.clone(),
+                        name: v.name.clone(),
+                        volume_type: v.volume_type.clone(),
+                        size: v.size,
+                    }),
+                    None => {
+                        st.block_volumes
+                            .iter()
+                            .find(|v| &v.id == vid)
+                            .map(|v| VolumeMetadata {
+                                id: v.id.clone(),
+                                name: v.name.clone(),
+                                volume_type: "sbs_volume".into(),
+                                size: v.size,
+                            })
+                    }
+                };
+                if let Some(v) = volume {
+                    meta.volumes.insert(idx.to_string(), v);
                 }
             }
             Some(meta)
@@ -1109,7 +1162,10 @@ async fn handle(inner: Arc<Inner>, req: Request<Body>) -> Response<Body> {
             .and_then(|r| r.find('/').map(|i| r[i..].to_string()))
             .unwrap_or_default();
         let rule = st.fail.iter().position(|r| {
-            if r.prefix.starts_with("/instance/") || r.prefix.starts_with("/block/") {
+            if ["/instance/", "/block/", "/marketplace/"]
+                .iter()
+                .any(|api| r.prefix.starts_with(api))
+            {
                 path.starts_with(&r.prefix)
             } else {
                 zone_rel.starts_with(&r.prefix)
@@ -1183,6 +1239,10 @@ fn route(
 ) -> R {
     let path = parts.uri.path();
     let query = parts.uri.query().unwrap_or("");
+    // The marketplace is public: no token needed.
+    if path.starts_with("/marketplace/") {
+        return marketplace::route(cfg, path, &parse_query(query));
+    }
     let token = parts
         .headers
         .get("x-auth-token")
@@ -1594,8 +1654,12 @@ fn resolve_image(
     image_ref: &str,
 ) -> Result<(String, String, Option<u64>), Reply> {
     Ok(if is_uuid(image_ref) {
-        if let Some(i) = cfg.labels.values().find(|i| i.id == image_ref) {
-            (i.id.clone(), i.arch.clone(), Some(ROOT_SIZE))
+        if let Some(i) = cfg
+            .labels
+            .values()
+            .find(|i| i.id == image_ref || i.sbs_id == image_ref)
+        {
+            (image_ref.to_string(), i.arch.clone(), Some(ROOT_SIZE))
         } else {
             let img = st
                 .images
@@ -1617,6 +1681,22 @@ fn resolve_image(
             .ok_or_else(|| not_found("instance_image", image_ref))?;
         (i.id.clone(), i.arch.clone(), Some(ROOT_SIZE))
     })
+}
+
+/// The root volume's type when `POST /servers` does not say: `sbs_volume`
+/// for an `instance_sbs` local image or an image whose root is a Block
+/// snapshot, else `l_ssd`.
+fn default_root_type(cfg: &Config, st: &State, image_id: &str) -> &'static str {
+    let sbs_stock = cfg.labels.values().any(|i| i.sbs_id == image_id);
+    let sbs_image = st
+        .images
+        .iter()
+        .any(|i| i.id == image_id && st.block_snapshots.iter().any(|b| b.id == i.root_volume));
+    if sbs_stock || sbs_image {
+        "sbs_volume"
+    } else {
+        "l_ssd"
+    }
 }
 
 fn create_server(cfg: &Config, st: &mut State, req: &Req) -> R {
@@ -1681,6 +1761,7 @@ fn create_server(cfg: &Config, st: &mut State, req: &Req) -> R {
             (String::new(), b.arch.clone(), None)
         }
     };
+    let root_type = default_root_type(cfg, st, &image_id);
     let Some(Value::Object(vols)) = m.get("volumes") else {
         return Err(invalid(vec![(
             "volumes",
@@ -1711,14 +1792,27 @@ fn create_server(cfg: &Config, st: &mut State, req: &Req) -> R {
             )]));
         };
         if let Some(vid) = str_field(v, "id")? {
-            let existing = st.volume(&req.zone, vid)?;
-            if existing.server.is_some() {
+            // An Instance volume, or a Block one (`sbs_volume`).
+            let attached = match st.volume(&req.zone, vid) {
+                Ok(existing) => existing.server.is_some(),
+                Err(not_instance) => match st.block_volume(&req.zone, vid) {
+                    Ok(b) if b.status == "creating" => {
+                        return Err(transient("block_volume", vid, "creating"))
+                    }
+                    Ok(b) => b.server.is_some(),
+                    Err(_) => return Err(not_instance),
+                },
+            };
+            if attached {
                 return Err(still_in_use("the volume is attached to another server"));
             }
             attach.insert(idx, vid.to_string());
             continue;
         }
-        let volume_type = str_field(v, "volume_type")?.unwrap_or("l_ssd").to_string();
+        let default_type = if idx == 0 { root_type } else { "l_ssd" };
+        let volume_type = str_field(v, "volume_type")?
+            .unwrap_or(default_type)
+            .to_string();
         if !["l_ssd", "sbs_volume", "scratch"].contains(&volume_type.as_str()) {
             return Err(invalid(vec![(
                 "volume_type",
@@ -1783,7 +1877,7 @@ fn create_server(cfg: &Config, st: &mut State, req: &Req) -> R {
                 zone: req.zone.clone(),
                 project: project.clone(),
                 size: root_size,
-                volume_type: "l_ssd".into(),
+                volume_type: root_type.into(),
                 state: "available".into(),
                 server: Some(id.clone()),
                 creation_date: now_rfc3339(),
@@ -1792,12 +1886,22 @@ fn create_server(cfg: &Config, st: &mut State, req: &Req) -> R {
     }
     let mut volumes = BTreeMap::new();
     for (idx, vid) in attach {
-        st.volumes.iter_mut().find(|v| v.id == vid).unwrap().server = Some(id.clone());
+        if let Some(v) = st.volumes.iter_mut().find(|v| v.id == vid) {
+            v.server = Some(id.clone());
+        } else {
+            st.attach_block_volume(&vid, &id);
+        }
         volumes.insert(idx, vid);
     }
     for (idx, v) in new_vols {
         volumes.insert(idx, v.id.clone());
-        st.volumes.push(v);
+        if v.volume_type == "sbs_volume" {
+            // A Block volume: the Block API shows it, the Instance API's
+            // volume routes do not.
+            st.block_volumes.push(block::from_server(&v));
+        } else {
+            st.volumes.push(v);
+        }
     }
     let dynamic = m
         .get("dynamic_ip_required")
@@ -1921,6 +2025,7 @@ fn delete_server(st: &mut State, req: &Req, id: &str) -> R {
             v.server = None;
         }
     }
+    st.detach_block_volumes(id);
     Ok(Reply::empty(StatusCode::NO_CONTENT))
 }
 
@@ -2191,6 +2296,7 @@ impl State {
                             v.server = None;
                         }
                     }
+                    self.detach_block_volumes(&id);
                 }
                 Step::SnapshotAvailable => {
                     if let Some(s) = self.snapshots.iter_mut().find(|s| s.id == id) {
@@ -2327,15 +2433,26 @@ impl State {
     fn server_json(&self, cfg: &Config, s: &Server) -> Value {
         let mut volumes = Map::new();
         for (idx, vid) in &s.volumes {
-            if let Some(v) = self.volumes.iter().find(|v| &v.id == vid) {
-                let mut j = self.volume_json(cfg, v);
+            let j = match self.volumes.iter().find(|v| &v.id == vid) {
+                Some(v) => Some(self.volume_json(cfg, v)),
+                None => self
+                    .block_volumes
+                    .iter()
+                    .find(|v| &v.id == vid)
+                    .map(|v| block::server_volume_json(cfg, v)),
+            };
+            if let Some(mut j) = j {
                 j["boot"] = json!(*idx == 0);
                 j["server"] = json!({"id": s.id, "name": s.name});
                 volumes.insert(idx.to_string(), j);
             }
         }
-        let image = match cfg.labels.values().find(|i| i.id == s.image) {
-            Some(i) => json!({"id": i.id, "name": i.name, "arch": i.arch, "public": true,
+        let image = match cfg
+            .labels
+            .values()
+            .find(|i| i.id == s.image || i.sbs_id == s.image)
+        {
+            Some(i) => json!({"id": s.image, "name": i.name, "arch": i.arch, "public": true,
                                "state": "available", "zone": s.zone}),
             None => match self.images.iter().find(|i| i.id == s.image) {
                 Some(i) => self.image_json(cfg, i),
