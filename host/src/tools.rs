@@ -51,11 +51,12 @@ impl Tool {
         match self.package {
             "rustup" => format!("rustup target add {}", self.what),
             "rust" => "install Rust with rustup".to_string(),
-            package if package.starts_with("pip:") => format!(
-                "python3 -m venv {VENV} && {VENV}/bin/pip install '{}'",
-                &package["pip:".len()..]
-            ),
-            package => format!("apt-get install {package}"),
+            package => match package.strip_prefix("pip:") {
+                Some(spec) => {
+                    format!("python3 -m venv {VENV} && {VENV}/bin/pip install '{spec}'")
+                }
+                None => format!("apt-get install {package}"),
+            },
         }
     }
 
