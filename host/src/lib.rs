@@ -27,6 +27,7 @@ pub mod helper_script;
 pub mod inspect;
 pub mod interrupt;
 pub mod kernel;
+pub mod object_storage;
 pub mod provider;
 pub mod readiness;
 pub mod resources;

@@ -39,6 +39,7 @@
 //!   is `None`.
 
 pub mod api;
+pub mod block;
 pub mod client;
 pub mod config;
 
@@ -837,6 +838,7 @@ mod tests {
             secret_key: SecretKey::new("x"),
             default_project_id: "p".into(),
             default_zone: "fr-par-1".into(),
+            default_region: "fr-par".into(),
             api_url: "http://127.0.0.1:9".into(),
             profile: None,
             config_path: None,
