@@ -18,7 +18,7 @@
 //! default request checksums, which S3-compatible services have refused;
 //! `rust-s3` and `object_store` take a part as an in-memory buffer (a
 //! 1 TB image needs 1 GB parts). rusty-s3 has no ListMultipartUploads, the
-//! one call that finds the uploads a killed process left: [`ListUploads`]
+//! one call that finds the uploads a killed process left: `BareAction`
 //! adds it on the crate's own signer.
 
 pub mod parts;
@@ -151,7 +151,10 @@ impl ObjectStore {
     /// else owns fails the first upload with the service's message).
     pub async fn ensure_bucket(&self) -> Result<(), S3Error> {
         let request = format!("HEAD bucket {}", self.location.bucket);
-        let url = self.bucket.head_bucket(Some(&self.credentials)).sign(SIGNED_FOR);
+        let url = self
+            .bucket
+            .head_bucket(Some(&self.credentials))
+            .sign(SIGNED_FOR);
         let reply = self.send(&request, self.http.head(url)).await;
         match reply {
             Ok(_) => return Ok(()),
@@ -163,7 +166,16 @@ impl ObjectStore {
             .bucket
             .create_bucket(&self.credentials)
             .sign(SIGNED_FOR);
-        match self.send(&request, self.http.put(url)).await {
+        // S3 wants a length even for an empty body.
+        match self
+            .send(
+                &request,
+                self.http
+                    .put(url)
+                    .header(reqwest::header::CONTENT_LENGTH, 0),
+            )
+            .await
+        {
             Ok(_) => Ok(()),
             // Created meanwhile by another push.
             Err(S3Error::Service { code, .. }) if code == "BucketAlreadyOwnedByYou" => Ok(()),
@@ -179,7 +191,13 @@ impl ObjectStore {
             .head_object(Some(&self.credentials), key)
             .sign(SIGNED_FOR);
         match self.send(&request, self.http.head(url)).await {
-            Ok(response) => Ok(response.content_length()),
+            // The header itself: reqwest's content_length() is the body's
+            // length, which a HEAD reply does not have.
+            Ok(response) => Ok(response
+                .headers()
+                .get(reqwest::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
@@ -238,7 +256,7 @@ impl ObjectStore {
         let mut uploads = Vec::new();
         let mut markers: Option<(String, String)> = None;
         loop {
-            let mut action = ListUploads::new(&self.bucket, &self.credentials);
+            let mut action = BareAction::list_uploads(&self.bucket, &self.credentials);
             action.query.insert("prefix", prefix.to_string());
             if let Some((key, id)) = &markers {
                 action.query.insert("key-marker", key.clone());
@@ -259,7 +277,11 @@ impl ObjectStore {
                 key: u.key,
                 upload_id: u.upload_id,
             }));
-            match (page.is_truncated, page.next_key_marker, page.next_upload_id_marker) {
+            match (
+                page.is_truncated,
+                page.next_key_marker,
+                page.next_upload_id_marker,
+            ) {
                 (true, Some(key), Some(id)) => markers = Some((key, id)),
                 _ => break,
             }
@@ -283,28 +305,35 @@ impl ObjectStore {
     }
 
     /// Starts a multipart upload; its id.
-    pub(crate) async fn create_upload(&self, key: &str) -> Result<String, S3Error> {
+    pub async fn create_upload(&self, key: &str) -> Result<String, S3Error> {
         let request = format!("POST {}?uploads", self.describe(key));
-        let url = self
-            .bucket
-            .create_multipart_upload(Some(&self.credentials), key)
-            .sign(SIGNED_FOR);
-        let body = self.send(&request, self.http.post(url)).await?.text().await;
+        let url = BareAction::create_upload(&self.bucket, &self.credentials, key).sign(SIGNED_FOR);
+        let body = self
+            .send(
+                &request,
+                self.http
+                    .post(url)
+                    .header(reqwest::header::CONTENT_LENGTH, 0),
+            )
+            .await?
+            .text()
+            .await;
         let body = body.map_err(|source| S3Error::Transport {
             request: request.clone(),
             source,
         })?;
-        let created = rusty_s3::actions::CreateMultipartUpload::parse_response(&body).map_err(
-            |e| S3Error::Reply {
-                request: request.clone(),
-                detail: format!("{e}: {body}"),
-            },
-        )?;
+        let created =
+            rusty_s3::actions::CreateMultipartUpload::parse_response(&body).map_err(|e| {
+                S3Error::Reply {
+                    request: request.clone(),
+                    detail: format!("{e}: {body}"),
+                }
+            })?;
         Ok(created.upload_id().to_string())
     }
 
     /// Sends one part (`number` from 1) of `len` bytes; its ETag.
-    pub(crate) async fn upload_part(
+    pub async fn upload_part(
         &self,
         key: &str,
         upload_id: &str,
@@ -336,7 +365,7 @@ impl ObjectStore {
     }
 
     /// Completes a multipart upload from its parts' ETags, in part order.
-    pub(crate) async fn complete_upload(
+    pub async fn complete_upload(
         &self,
         key: &str,
         upload_id: &str,
@@ -390,7 +419,10 @@ impl ObjectStore {
         let (code, message) = match quick_xml::de::from_str::<ErrorBody>(&body) {
             Ok(error) => (error.code, error.message),
             Err(_) => (
-                status.canonical_reason().unwrap_or("error").replace(' ', ""),
+                status
+                    .canonical_reason()
+                    .unwrap_or("error")
+                    .replace(' ', ""),
                 body.chars().take(200).collect(),
             ),
         };
@@ -412,51 +444,60 @@ struct ErrorBody {
     message: String,
 }
 
-/// ListMultipartUploads (`GET /{bucket}?uploads`), signed like the crate's
-/// own actions.
-struct ListUploads<'a> {
-    bucket: &'a Bucket,
+/// A request rusty-s3 has no action for, or spells in a way some S3
+/// services refuse, signed with the crate's own signer: ListMultipartUploads
+/// (`GET /{bucket}?uploads`) and CreateMultipartUpload as the S3 API
+/// documents it (`POST /{key}?uploads`; rusty-s3 sends `uploads=1`, which
+/// moto's server answers with a 500).
+struct BareAction<'a> {
+    method: Method,
+    url: Url,
     credentials: &'a Credentials,
+    region: &'a str,
     query: Map<'a>,
     headers: Map<'a>,
 }
 
-impl<'a> ListUploads<'a> {
-    fn new(bucket: &'a Bucket, credentials: &'a Credentials) -> Self {
-        ListUploads {
-            bucket,
+impl<'a> BareAction<'a> {
+    /// `GET /{bucket}?uploads`.
+    fn list_uploads(bucket: &'a Bucket, credentials: &'a Credentials) -> Self {
+        Self::new(Method::Get, bucket.base_url().clone(), bucket, credentials)
+    }
+
+    /// `POST /{bucket}/{key}?uploads`.
+    fn create_upload(bucket: &'a Bucket, credentials: &'a Credentials, key: &str) -> Self {
+        Self::new(Method::Post, bucket.object_url(key), bucket, credentials)
+    }
+
+    fn new(method: Method, url: Url, bucket: &'a Bucket, credentials: &'a Credentials) -> Self {
+        let mut query = Map::new();
+        query.insert("uploads", "");
+        BareAction {
+            method,
+            url,
             credentials,
-            query: Map::new(),
+            region: bucket.region(),
+            query,
             headers: Map::new(),
         }
     }
-}
 
-impl<'a> S3Action<'a> for ListUploads<'a> {
-    const METHOD: Method = Method::Get;
-
-    fn query_mut(&mut self) -> &mut Map<'a> {
-        &mut self.query
-    }
-
-    fn headers_mut(&mut self) -> &mut Map<'a> {
-        &mut self.headers
+    fn sign(&self, expires_in: Duration) -> Url {
+        self.sign_with_time(expires_in, &jiff::Timestamp::now())
     }
 
     fn sign_with_time(&self, expires_in: Duration, time: &jiff::Timestamp) -> Url {
-        // The query must be sorted for the signature; `uploads` sorts after
-        // the markers and `prefix` ("key-marker" < "prefix" < "upload-id-marker" < "uploads").
+        // The signer takes the query sorted by name.
         let mut query: Vec<(&str, &str)> = self.query.iter().collect();
-        query.push(("uploads", ""));
         query.sort_unstable();
         rusty_s3::signing::sign(
             time,
-            Self::METHOD,
-            self.bucket.base_url().clone(),
+            self.method,
+            self.url.clone(),
             self.credentials.key(),
             self.credentials.secret(),
             self.credentials.token(),
-            self.bucket.region(),
+            self.region,
             expires_in.as_secs(),
             query.into_iter(),
             self.headers.iter(),
@@ -516,7 +557,10 @@ mod tests {
             "<Error><Code>NoSuchUpload</Code><Message>gone</Message><RequestId>1</RequestId></Error>",
         )
         .unwrap();
-        assert_eq!((e.code.as_str(), e.message.as_str()), ("NoSuchUpload", "gone"));
+        assert_eq!(
+            (e.code.as_str(), e.message.as_str()),
+            ("NoSuchUpload", "gone")
+        );
         let service = |status: u16| S3Error::Service {
             request: String::new(),
             status: StatusCode::from_u16(status).unwrap(),
@@ -540,7 +584,7 @@ mod tests {
         )
         .unwrap();
         let credentials = Credentials::new("SCWKEY", "secret");
-        let mut action = ListUploads::new(&bucket, &credentials);
+        let mut action = BareAction::list_uploads(&bucket, &credentials);
         action.query.insert("prefix", "imgforge/ab/");
         let url = action.sign_with_time(SIGNED_FOR, &jiff::Timestamp::UNIX_EPOCH);
         assert_eq!(url.path(), "/images/");

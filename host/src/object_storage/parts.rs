@@ -103,7 +103,10 @@ mod tests {
     const TB: u64 = 1_000 * GB;
 
     fn check(plan: &PartPlan, limits: Limits) {
-        assert!(plan.count >= 1 && plan.count <= limits.max_parts, "{plan:?}");
+        assert!(
+            plan.count >= 1 && plan.count <= limits.max_parts,
+            "{plan:?}"
+        );
         assert!(plan.part_size >= limits.min_part && plan.part_size <= limits.max_part);
         // The parts cover the file exactly, in order, without overlap.
         let mut next = 0;

@@ -133,7 +133,11 @@ pub async fn upload_file(
         if let Err(delete) = store.delete_object(key).await {
             warn!(%delete, key, "could not delete the object of the failed upload");
         }
-        return Err(error.context(format!("upload {} to {}", path.display(), store.describe(key))));
+        return Err(error.context(format!(
+            "upload {} to {}",
+            path.display(),
+            store.describe(key)
+        )));
     }
     Ok(UploadReport {
         bytes: size,

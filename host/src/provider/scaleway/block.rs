@@ -58,11 +58,9 @@ impl Client {
     ) -> Result<BlockSnapshot, Error> {
         let block = self.block();
         block
-            .post_checked(
-                "/snapshots/import-from-object-storage",
-                request,
-                || async { block.find_block_snapshot_by_name(&request.name).await },
-            )
+            .post_checked("/snapshots/import-from-object-storage", request, || async {
+                block.find_block_snapshot_by_name(&request.name).await
+            })
             .await
     }
 
@@ -75,7 +73,10 @@ impl Client {
 
     /// The project's Block snapshots, all pages; with `tag`, only those
     /// carrying it.
-    pub async fn list_block_snapshots(&self, tag: Option<&str>) -> Result<Vec<BlockSnapshot>, Error> {
+    pub async fn list_block_snapshots(
+        &self,
+        tag: Option<&str>,
+    ) -> Result<Vec<BlockSnapshot>, Error> {
         let mut query = vec![("project_id", self.project_id().to_string())];
         if let Some(tag) = tag {
             query.push(("tags", tag.to_string()));

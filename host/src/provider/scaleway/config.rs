@@ -254,7 +254,9 @@ impl Config {
 /// `fr-par`), as in scaleway-sdk-go's `Zone.Region`.
 pub fn region_of_zone(zone: &str) -> &str {
     match zone.rsplit_once('-') {
-        Some((region, number)) if !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()) => {
+        Some((region, number))
+            if !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()) =>
+        {
             region
         }
         _ => zone,

@@ -42,6 +42,7 @@ pub mod api;
 pub mod block;
 pub mod client;
 pub mod config;
+pub mod push;
 
 #[cfg(test)]
 mod client_tests;
@@ -372,12 +373,14 @@ impl Provider for ScalewayProvider {
     }
 
     /// Servers start from stock images with cloud-init user data (Scaleway
-    /// removed bootscripts) and reach this machine over the internet only.
+    /// removed bootscripts) and reach this machine over the internet only;
+    /// images can come in as QCOW2 through Object Storage.
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             local_bootscripts: false,
             helper_servers: true,
             forwards_to_host: false,
+            imports_qcow2: true,
         }
     }
 
@@ -847,13 +850,14 @@ mod tests {
     }
 
     #[test]
-    fn capabilities_helper_servers_only() {
+    fn capabilities_helper_servers_and_imports() {
         assert_eq!(
             offline_provider().capabilities(),
             Capabilities {
                 local_bootscripts: false,
                 helper_servers: true,
                 forwards_to_host: false,
+                imports_qcow2: true,
             }
         );
     }
