@@ -96,7 +96,13 @@ impl ProviderArgs {
             image_label: self.scw_image.clone(),
             ..ScalewayOptions::default()
         };
-        ScalewayProvider::from_config(&config, options)
+        let provider = ScalewayProvider::from_config(&config, options)?;
+        // Object Storage (for the cleanup of pushes) needs the access key;
+        // without one, everything else still works.
+        Ok(match config.access_key {
+            Some(_) => provider.with_object_storage(self.open_object_storage(&config)?),
+            None => provider,
+        })
     }
 
     /// Object Storage for the configured Scaleway account: the region's
