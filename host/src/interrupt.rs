@@ -4,7 +4,11 @@
 
 /// Runs `cleanup` and exits 130 on the first SIGINT or SIGTERM. Call once,
 /// early; `cleanup` must only touch state it can reach safely (statics).
+/// Returns once the signals are caught: a signal that comes right after
+/// (say, once the QEMU child is seen running) no longer kills the process
+/// with its default action before the cleanup is in place.
 pub fn on_interrupt(cleanup: impl FnOnce() + Send + 'static) {
+    let (ready, installed) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -12,20 +16,31 @@ pub fn on_interrupt(cleanup: impl FnOnce() + Send + 'static) {
         else {
             return;
         };
-        rt.block_on(async {
+        let signalled = rt.block_on(async {
             use tokio::signal::unix::{signal, SignalKind};
-            let Ok(mut term) = signal(SignalKind::terminate()) else {
-                return;
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                return false;
             };
+            let _ = ready.send(());
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
                 _ = term.recv() => {}
             }
+            true
         });
+        if !signalled {
+            return;
+        }
         INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
         cleanup();
         std::process::exit(130);
     });
+    // Err: the thread could not catch signals and ended (the default
+    // actions stay); nothing better to do than go on.
+    let _ = installed.recv();
 }
 
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

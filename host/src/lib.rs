@@ -7,6 +7,7 @@
 //! | [`provider`] | the `Provider` trait; `local/` (QEMU, state store, metadata) and `scaleway/` |
 //! | [`local::qemu`](provider::local::qemu), [`accel`](provider::local::accel), [`guestfwd`](provider::local::guestfwd), [`metadata_server`](provider::local::metadata_server) | QEMU command lines, KVM or TCG, guest forwards, the Scaleway-format metadata API |
 //! | [`scaleway::api`](provider::scaleway::api), [`client`](provider::scaleway::client), [`config`](provider::scaleway::config) | Scaleway API client and configuration |
+//! | [`push`], [`object_storage`], [`scaleway::push`](provider::scaleway::push) | `image push`: a local image to a Scaleway image through Object Storage (S3 multipart) and the Block API import |
 //! | [`resources`] | `server`/`snapshot`/`image`/`cleanup` commands, one call each |
 //! | [`rootfs`] | `imgforge rootfs`: sources to a normalised tarball (`debian:` profiles) |
 //! | [`bootscript`], [`kernel`] | the image-creation initrd and its kernel from Debian |
@@ -27,7 +28,9 @@ pub mod helper_script;
 pub mod inspect;
 pub mod interrupt;
 pub mod kernel;
+pub mod object_storage;
 pub mod provider;
+pub mod push;
 pub mod readiness;
 pub mod resources;
 pub mod rootfs;

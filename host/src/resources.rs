@@ -55,6 +55,20 @@ pub struct ProviderArgs {
         default_value = "debian_bookworm"
     )]
     pub scw_image: String,
+    /// Scaleway: the Object Storage bucket images are uploaded to for import
+    /// (created if missing); default `imgforge-<project id>`.
+    #[arg(
+        long,
+        global = true,
+        env = "IMGFORGE_SCW_BUCKET",
+        value_name = "BUCKET"
+    )]
+    pub bucket: Option<String>,
+    /// Scaleway: the S3 endpoint of Object Storage; default
+    /// `https://s3.<region>.scw.cloud` for the configured region. Another
+    /// S3 service or a test server can stand in.
+    #[arg(long, global = true, env = "IMGFORGE_S3_ENDPOINT", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +96,45 @@ impl ProviderArgs {
             image_label: self.scw_image.clone(),
             ..ScalewayOptions::default()
         };
-        ScalewayProvider::from_config(&config, options)
+        let provider = ScalewayProvider::from_config(&config, options)?;
+        // Object Storage (for the cleanup of pushes) needs the access key;
+        // without one, everything else still works.
+        Ok(match config.access_key {
+            Some(_) => provider.with_object_storage(self.open_object_storage(&config)?),
+            None => provider,
+        })
+    }
+
+    /// Object Storage for the configured Scaleway account: the region's
+    /// endpoint (or `--s3-endpoint`), `--bucket`, the access and secret key.
+    pub fn open_object_storage(
+        &self,
+        config: &crate::provider::scaleway::Config,
+    ) -> Result<crate::object_storage::ObjectStore> {
+        let endpoint = match &self.s3_endpoint {
+            Some(url) => url.clone(),
+            None => format!("https://s3.{}.scw.cloud", config.default_region),
+        };
+        let endpoint = url::Url::parse(&endpoint)
+            .with_context(|| format!("Object Storage endpoint {endpoint:?} is not a URL"))?;
+        let bucket = self
+            .bucket
+            .clone()
+            .unwrap_or_else(|| format!("imgforge-{}", config.default_project_id));
+        let Some(access_key) = config.access_key.as_deref() else {
+            bail!(
+                "Object Storage needs the access key of the API key: set SCW_ACCESS_KEY or                  `access_key` in the scw config file"
+            );
+        };
+        crate::object_storage::ObjectStore::new(
+            crate::object_storage::Location {
+                endpoint,
+                region: config.default_region.clone(),
+                bucket,
+            },
+            access_key,
+            config.secret_key.expose(),
+        )
     }
 
     /// Opens the local provider (commands that only exist locally).
@@ -217,6 +269,15 @@ pub enum ImageCommand {
         /// Also delete the snapshot it is made of.
         #[arg(long)]
         with_snapshot: bool,
+    },
+    /// Send a local image to Scaleway (`--provider scaleway`): upload it as
+    /// QCOW2 to Object Storage, import it as a Block snapshot, create the
+    /// image; the object is removed afterwards.
+    Push {
+        /// The local image (id or name).
+        image: String,
+        #[command(flatten)]
+        push: crate::push::PushArgs,
     },
     /// Write the image's disk to a file (local provider only).
     Export {
@@ -436,6 +497,9 @@ pub fn run_image(command: ImageCommand, provider: &ProviderArgs, json: bool) -> 
     let line = |i: &crate::provider::Image| {
         format!("{}  {:<20} {:<7} {}", i.id, i.name, i.arch, i.created_at)
     };
+    if let ImageCommand::Push { image, push } = &command {
+        return crate::push::run_push(image, push, provider, json);
+    }
     if let ImageCommand::Export {
         image,
         output,
@@ -502,7 +566,9 @@ pub fn run_image(command: ImageCommand, provider: &ProviderArgs, json: bool) -> 
                     format!("deleted image {} ({})", image.name, image.id)
                 })
             }
-            ImageCommand::Export { .. } => unreachable!("handled above"),
+            ImageCommand::Export { .. } | ImageCommand::Push { .. } => {
+                unreachable!("handled above")
+            }
         }
     })
 }

@@ -191,6 +191,11 @@ impl Scenario {
             "--timeout",
             "120",
         ]);
+        // These scenarios are of build servers in the cloud; import (the
+        // default) is tested in scaleway_push.rs.
+        if !extra.contains(&"--strategy") {
+            args.extend(["--strategy", "helper"]);
+        }
         args.extend_from_slice(extra);
         let output = self
             .imgforge()
@@ -590,6 +595,7 @@ async fn sigint_removes_the_build_server_and_its_volumes() {
     let mut child = scenario
         .imgforge()
         .args(["build", "--provider", "scaleway", "--method", "from-qcow2"])
+        .args(["--strategy", "helper"])
         .args(["--name", "interrupted", "--size", "64M"])
         .arg("--listen")
         .arg(format!("127.0.0.1:{artifacts}"))

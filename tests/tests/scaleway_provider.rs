@@ -28,6 +28,7 @@ fn provider(fake: &FakeScaleway) -> ScalewayProvider {
         secret_key: SecretKey::new(fake.secret()),
         default_project_id: fake.project(),
         default_zone: fake.zone(),
+        default_region: "fr-par".to_string(),
         api_url: fake.url(),
         profile: None,
         config_path: None,

@@ -161,7 +161,8 @@ pub(super) async fn build(
             let served = artifacts.add_file(&agent).await?;
             helper_server(args, &reach(&served.url)?, &served.sha256, build_id)
         }
-        Strategy::Bootscript => {
+        // An import's build is a bootscript build on the local provider.
+        Strategy::Bootscript | Strategy::Import => {
             bootscript_server(args, provider.capabilities().local_bootscripts, work.path()).await?
         }
     };

@@ -29,6 +29,7 @@
 //! The module's parts: [`plan`] decides (pure, unit-tested), `lifecycle`
 //! creates, follows and removes the build server.
 
+mod import;
 mod lifecycle;
 pub mod plan;
 
@@ -91,10 +92,13 @@ pub struct BuildArgs {
     /// Build server memory in MiB.
     #[arg(long, default_value_t = 1024)]
     pub memory: u32,
-    /// How the build server writes the image: `bootscript` boots the
-    /// image-creation initrd (the local provider's way); `helper` boots a
-    /// stock image whose cloud-init runs initrd-agent against a second volume
-    /// (Scaleway's default, since Scaleway removed bootscripts in 2023).
+    /// How the image is made: `bootscript` boots the image-creation initrd
+    /// (the local provider's way); `import` (Scaleway's default) builds it
+    /// here with the local provider, then uploads the QCOW2 to Object
+    /// Storage and imports it (`imgforge image push`); `helper` boots a
+    /// Scaleway stock image whose cloud-init runs initrd-agent against a
+    /// second volume (the build runs in Scaleway's network; needs
+    /// --public-url).
     #[arg(long, value_enum)]
     pub strategy: Option<Strategy>,
     /// Scaleway with `--strategy bootscript`: the id of the image-creation
@@ -105,6 +109,16 @@ pub struct BuildArgs {
     /// volume, which the image is written to.
     #[arg(long, default_value = "/dev/vdb", value_name = "DEVICE")]
     pub helper_volume: String,
+    /// `--strategy import`: keep the uploaded QCOW2 in the bucket.
+    #[arg(long)]
+    pub keep_object: bool,
+    /// `--strategy import`: upload parts of at least this size (grown so
+    /// that an upload never needs more than Scaleway's 1000 parts).
+    #[arg(long, default_value = "64M", value_parser = crate::size::parse_size, value_name = "SIZE")]
+    pub part_size: u64,
+    /// `--strategy import`: parts uploaded at once.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub parallel_parts: usize,
     /// Where the artifact server (the rootfs, disk image or agent for the
     /// build server) listens. Loopback by default; a remote build server
     /// needs an address it can reach, e.g. 0.0.0.0:8080.
@@ -124,6 +138,7 @@ pub struct BuildArgs {
 pub enum Strategy {
     Bootscript,
     Helper,
+    Import,
 }
 
 impl Strategy {
@@ -131,6 +146,7 @@ impl Strategy {
         match self {
             Strategy::Bootscript => "bootscript",
             Strategy::Helper => "helper",
+            Strategy::Import => "import",
         }
     }
 }
@@ -161,6 +177,10 @@ pub struct BuildReport {
 
 pub fn run_build(args: BuildArgs, json: bool) -> Result<()> {
     let provider: Arc<dyn Provider> = Arc::from(args.provider.open()?);
+    if plan::strategy(args.strategy, provider.name(), provider.capabilities())? == Strategy::Import
+    {
+        return import::run_import_build(args, json);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -41,13 +41,30 @@ pub enum InputSource {
     Rootfs(crate::rootfs::Source),
 }
 
-/// Decides the build for a provider named `provider` that can do `caps`.
-pub fn plan(args: &BuildArgs, provider: &str, caps: Capabilities) -> Result<Plan> {
-    let strategy = match args.strategy {
+/// The strategy: the one asked for if the provider can do it, else the
+/// provider's own (local: bootscript; Scaleway: import).
+pub fn strategy(
+    requested: Option<Strategy>,
+    provider: &str,
+    caps: Capabilities,
+) -> Result<Strategy> {
+    let strategy = match requested {
         Some(s) => s,
         None if caps.local_bootscripts => Strategy::Bootscript,
+        None if caps.imports_qcow2 => Strategy::Import,
         None => Strategy::Helper,
     };
+    if strategy == Strategy::Import && !caps.imports_qcow2 {
+        bail!(
+            "--strategy import builds here and uploads the image to a cloud: the {provider}              provider builds its images here already (use --strategy bootscript, or              --provider scaleway)"
+        );
+    }
+    Ok(strategy)
+}
+
+/// Decides the build for a provider named `provider` that can do `caps`.
+pub fn plan(args: &BuildArgs, provider: &str, caps: Capabilities) -> Result<Plan> {
+    let strategy = strategy(args.strategy, provider, caps)?;
     if strategy == Strategy::Helper && !caps.helper_servers {
         bail!(
             "the {provider} provider builds with --strategy bootscript: it has no stock images \
@@ -83,7 +100,8 @@ pub fn plan(args: &BuildArgs, provider: &str, caps: Capabilities) -> Result<Plan
         }
     };
     let mut done_port = match strategy {
-        Strategy::Bootscript => INITRD_DONE_PORT,
+        // An import builds on the local provider, with the initrd.
+        Strategy::Bootscript | Strategy::Import => INITRD_DONE_PORT,
         Strategy::Helper => HELPER_DONE_PORT,
     };
     let mut extra_params = Vec::new();
@@ -193,11 +211,13 @@ mod tests {
         local_bootscripts: true,
         helper_servers: false,
         forwards_to_host: true,
+        imports_qcow2: false,
     };
     const CLOUD: Capabilities = Capabilities {
         local_bootscripts: false,
         helper_servers: true,
         forwards_to_host: false,
+        imports_qcow2: true,
     };
 
     #[derive(Parser)]
@@ -223,8 +243,16 @@ mod tests {
         assert_eq!(local.strategy, Strategy::Bootscript);
         assert_eq!(local.done_port, INITRD_DONE_PORT);
         let cloud = plan(&args(&url), "scaleway", CLOUD).unwrap();
-        assert_eq!(cloud.strategy, Strategy::Helper);
-        assert_eq!(cloud.done_port, HELPER_DONE_PORT);
+        assert_eq!(cloud.strategy, Strategy::Import);
+        assert_eq!(cloud.done_port, INITRD_DONE_PORT);
+        let helper = plan(
+            &args(&[&url[..], &["--strategy", "helper"]].concat()),
+            "scaleway",
+            CLOUD,
+        );
+        assert_eq!(helper.unwrap().done_port, HELPER_DONE_PORT);
+        let e = err(&[&url[..], &["--strategy", "import"]].concat(), LOCAL);
+        assert!(e.contains("--provider scaleway"), "{e}");
         let e = err(&[&url[..], &["--strategy", "helper"]].concat(), LOCAL);
         assert!(e.contains("--strategy bootscript"), "{e}");
         let e = err(&[&url[..], &["--strategy", "bootscript"]].concat(), CLOUD);

@@ -146,6 +146,9 @@ pub struct Capabilities {
     /// provider's own forwards (`guest_url`, `host_services`), so no public
     /// URL is needed.
     pub forwards_to_host: bool,
+    /// Takes images as QCOW2 files built on this machine (`--strategy
+    /// import`: upload, import, no build server in the cloud).
+    pub imports_qcow2: bool,
 }
 
 /// Servers, volumes, snapshots and images of one provider.

@@ -82,6 +82,11 @@ impl LocalProvider {
     }
 
     /// The qcow2 file holding a snapshot (for `imgforge boot IMAGE`).
+    /// The state directory (`$IMGFORGE_HOME`).
+    pub fn home(&self) -> &Path {
+        self.store.home()
+    }
+
     pub fn snapshot_file(&self, id: &str) -> Result<PathBuf> {
         self.store.lock()?.read::<Snapshot>(Kind::Snapshot, id)?;
         Ok(self.store.data_path(Kind::Snapshot, id))
@@ -109,6 +114,58 @@ impl LocalProvider {
                     Err(e)
                 }
             }
+        })
+        .await
+    }
+
+    /// Writes image `id`'s disk to `output` as a standalone QCOW2 whose
+    /// clusters are zlib-compressed (`compress`) or plain, never zstd, with
+    /// a virtual size of at least `min_size` bytes (grown at the end, which
+    /// a guest's growpart takes as free space): what an import into a cloud
+    /// takes, whatever compression the local snapshot uses.
+    pub async fn export_for_import(
+        &self,
+        id: &str,
+        output: &Path,
+        compress: bool,
+        min_size: u64,
+    ) -> Result<()> {
+        let image = self.get_image(id).await?;
+        let source = self.snapshot_file(&image.root_volume)?;
+        let output = output.to_path_buf();
+        let partial = partial_path(&output);
+        blocking(move || {
+            let result = (|| {
+                let mut args: Vec<&OsStr> = vec![
+                    "convert".as_ref(),
+                    "-O".as_ref(),
+                    "qcow2".as_ref(),
+                    "-o".as_ref(),
+                    "compression_type=zlib".as_ref(),
+                ];
+                if compress {
+                    args.push("-c".as_ref());
+                }
+                args.extend([source.as_os_str(), partial.as_os_str()]);
+                run_qemu_img(&args)?;
+                let size = virtual_size(&partial)?;
+                if size < min_size {
+                    let min = min_size.to_string();
+                    run_qemu_img(&[
+                        "resize".as_ref(),
+                        "-f".as_ref(),
+                        "qcow2".as_ref(),
+                        partial.as_os_str(),
+                        min.as_ref(),
+                    ])?;
+                }
+                std::fs::rename(&partial, &output)
+                    .with_context(|| format!("rename to {}", output.display()))
+            })();
+            if result.is_err() {
+                let _ = std::fs::remove_file(&partial);
+            }
+            result
         })
         .await
     }
@@ -554,6 +611,7 @@ impl Provider for LocalProvider {
             local_bootscripts: true,
             helper_servers: false,
             forwards_to_host: true,
+            imports_qcow2: false,
         }
     }
 
@@ -774,6 +832,19 @@ fn copy_bootscript(artifacts: &Path, dir: &Path) -> Result<String> {
 
 /// Runs qemu-img; an error carries its message.
 fn qemu_img<const N: usize>(args: [&OsStr; N]) -> Result<()> {
+    run_qemu_img(&args)
+}
+
+/// The virtual size of a QCOW2 file, from its header.
+fn virtual_size(path: &Path) -> Result<u64> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let len = file.metadata()?.len();
+    let header = qcow2::Header::read(&mut file, len)
+        .with_context(|| format!("read the QCOW2 header of {}", path.display()))?;
+    Ok(header.virtual_size)
+}
+
+fn run_qemu_img(args: &[&OsStr]) -> Result<()> {
     let output = Command::new("qemu-img")
         .args(args)
         .output()
@@ -841,6 +912,7 @@ mod tests {
                 local_bootscripts: true,
                 helper_servers: false,
                 forwards_to_host: true,
+                imports_qcow2: false,
             }
         );
     }

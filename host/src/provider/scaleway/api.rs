@@ -723,7 +723,7 @@ impl Client {
         .await
     }
 
-    async fn poll_until<T, F, Fut>(
+    pub(super) async fn poll_until<T, F, Fut>(
         &self,
         what: &str,
         wanted: &str,
@@ -771,7 +771,7 @@ impl Client {
 const FIRST_POLL: Duration = Duration::from_millis(250);
 
 /// One read of a waited-on resource.
-enum Poll<T> {
+pub(super) enum Poll<T> {
     Done(T),
     /// Not there yet; the current state.
     Pending(String),

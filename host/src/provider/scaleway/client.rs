@@ -324,6 +324,9 @@ pub struct Client {
     project_id: String,
     secret_key: SecretKey,
     options: ClientOptions,
+    /// The API product and version every path is under: `instance/v1`, or
+    /// `block/v1` for [`Client::block`].
+    product: &'static str,
 }
 
 impl Client {
@@ -347,6 +350,7 @@ impl Client {
             project_id: config.default_project_id.clone(),
             secret_key: config.secret_key.clone(),
             options,
+            product: "instance/v1",
         })
     }
 
@@ -354,6 +358,15 @@ impl Client {
     pub fn in_zone(&self, zone: &str) -> Client {
         Client {
             zone: zone.to_string(),
+            ..self.clone()
+        }
+    }
+
+    /// The same client for the Block API (`/block/v1/zones/{zone}`): SBS
+    /// volumes and snapshots, QCOW2 imports (reference §3, §7).
+    pub fn block(&self) -> Client {
+        Client {
+            product: "block/v1",
             ..self.clone()
         }
     }
@@ -370,9 +383,10 @@ impl Client {
         &self.options
     }
 
-    /// `/instance/v1/zones/{zone}{path}` for a zone-relative `path` such as `/servers`.
+    /// `/instance/v1/zones/{zone}{path}` (or `/block/v1/…`) for a
+    /// zone-relative `path` such as `/servers`.
     pub fn zone_path(&self, path: &str) -> String {
-        format!("/instance/v1/zones/{}{}", self.zone, path)
+        format!("/{}/zones/{}{}", self.product, self.zone, path)
     }
 
     /// GET a JSON resource (retried).

@@ -35,6 +35,7 @@ fn client(api_url: &str) -> Client {
         secret_key: SecretKey::new(SECRET),
         default_project_id: "proj-1".to_string(),
         default_zone: "fr-par-1".to_string(),
+        default_region: "fr-par".to_string(),
         api_url: api_url.to_string(),
         profile: None,
         config_path: None,

@@ -2,11 +2,13 @@
 //!
 //! Sources, strongest first:
 //! 1. environment variables `SCW_SECRET_KEY`, `SCW_ACCESS_KEY`,
-//!    `SCW_DEFAULT_PROJECT_ID`, `SCW_DEFAULT_ZONE`, `SCW_API_URL`;
+//!    `SCW_DEFAULT_PROJECT_ID`, `SCW_DEFAULT_ZONE`, `SCW_DEFAULT_REGION`,
+//!    `SCW_API_URL`;
 //! 2. the selected named profile under `profiles:` in the config file
 //!    (selected by `SCW_PROFILE`, else the file's `active_profile`);
 //! 3. the file's top-level keys (the "default" profile);
-//! 4. built-in defaults: `api_url` [`DEFAULT_API_URL`], zone [`DEFAULT_ZONE`].
+//! 4. built-in defaults: `api_url` [`DEFAULT_API_URL`], zone [`DEFAULT_ZONE`],
+//!    region: the zone's (`fr-par-1` is in `fr-par`), as the scw CLI does.
 //!
 //! The file is `$SCW_CONFIG_PATH`, else `$XDG_CONFIG_HOME/scw/config.yaml`,
 //! else `~/.config/scw/config.yaml`; a missing file is fine when the
@@ -73,6 +75,9 @@ pub struct Config {
     pub secret_key: SecretKey,
     pub default_project_id: String,
     pub default_zone: String,
+    /// The region of Object Storage (`fr-par`, `nl-ams`…): `default_region`,
+    /// else the zone's region.
+    pub default_region: String,
     pub api_url: String,
     /// The named profile that was applied, if any.
     pub profile: Option<String>,
@@ -116,6 +121,7 @@ struct ProfileKeys {
     secret_key: Option<String>,
     default_project_id: Option<String>,
     default_zone: Option<String>,
+    default_region: Option<String>,
     api_url: Option<String>,
 }
 
@@ -222,6 +228,12 @@ impl Config {
             &default.default_zone,
         )
         .unwrap_or_else(|| DEFAULT_ZONE.to_string());
+        let default_region = pick(
+            "SCW_DEFAULT_REGION",
+            &profile.default_region,
+            &default.default_region,
+        )
+        .unwrap_or_else(|| region_of_zone(default_zone.trim()).to_string());
         let api_url = pick("SCW_API_URL", &profile.api_url, &default.api_url)
             .unwrap_or_else(|| DEFAULT_API_URL.to_string());
 
@@ -230,10 +242,24 @@ impl Config {
             secret_key: SecretKey::new(secret_key.trim()),
             default_project_id: default_project_id.trim().to_string(),
             default_zone: default_zone.trim().to_string(),
+            default_region: default_region.trim().to_string(),
             api_url: api_url.trim().trim_end_matches('/').to_string(),
             profile: profile_name,
             config_path,
         })
+    }
+}
+
+/// The region a zone is in: the zone without its `-N` suffix (`fr-par-1` →
+/// `fr-par`), as in scaleway-sdk-go's `Zone.Region`.
+pub fn region_of_zone(zone: &str) -> &str {
+    match zone.rsplit_once('-') {
+        Some((region, number))
+            if !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            region
+        }
+        _ => zone,
     }
 }
 
@@ -411,6 +437,33 @@ profiles:
             text.contains("\"nope\"") && text.contains("SCW_PROFILE"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn region_comes_from_the_zone_unless_given() {
+        assert_eq!(region_of_zone("fr-par-1"), "fr-par");
+        assert_eq!(region_of_zone("nl-ams-3"), "nl-ams");
+        assert_eq!(region_of_zone("it-mil"), "it-mil");
+        let config = Config::load_from(
+            None,
+            &env_of(&[
+                ("SCW_SECRET_KEY", "s"),
+                ("SCW_DEFAULT_PROJECT_ID", "p"),
+                ("SCW_DEFAULT_ZONE", "pl-waw-2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.default_region, "pl-waw");
+        let config = Config::load_from(
+            None,
+            &env_of(&[
+                ("SCW_SECRET_KEY", "s"),
+                ("SCW_DEFAULT_PROJECT_ID", "p"),
+                ("SCW_DEFAULT_REGION", "nl-ams"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.default_region, "nl-ams");
     }
 
     #[test]

@@ -39,8 +39,10 @@
 //!   is `None`.
 
 pub mod api;
+pub mod block;
 pub mod client;
 pub mod config;
+pub mod push;
 
 #[cfg(test)]
 mod client_tests;
@@ -102,11 +104,24 @@ impl Default for ScalewayOptions {
 pub struct ScalewayProvider {
     client: Client,
     options: ScalewayOptions,
+    /// Where pushes upload (for the cleanup of what a killed push left);
+    /// `None` when the configuration has no access key.
+    object_storage: Option<crate::object_storage::ObjectStore>,
 }
 
 impl ScalewayProvider {
     pub fn new(client: Client, options: ScalewayOptions) -> ScalewayProvider {
-        ScalewayProvider { client, options }
+        ScalewayProvider {
+            client,
+            options,
+            object_storage: None,
+        }
+    }
+
+    /// The provider, with the Object Storage bucket pushes upload to.
+    pub fn with_object_storage(mut self, store: crate::object_storage::ObjectStore) -> Self {
+        self.object_storage = Some(store);
+        self
     }
 
     /// The provider for the scw CLI's configuration (`Config::load`).
@@ -140,6 +155,55 @@ impl ScalewayProvider {
     }
 
     /// The server, refusing states this provider cannot work with.
+    /// Aborts the multipart uploads under imgforge's prefix (one build's,
+    /// or all), and deletes the objects of builds that have no image.
+    async fn cleanup_objects(
+        &self,
+        store: &crate::object_storage::ObjectStore,
+        build: Option<&str>,
+        images: &[api::Image],
+        dry_run: bool,
+    ) -> Result<Vec<String>> {
+        let prefix = push::object_prefix(build);
+        let mut removed = Vec::new();
+        for upload in store
+            .list_uploads(&prefix)
+            .await
+            .with_context(|| format!("list the uploads in {}", store.describe(&prefix)))?
+        {
+            removed.push(format!(
+                "multipart upload {} of {}",
+                upload.upload_id,
+                store.describe(&upload.key)
+            ));
+            if !dry_run {
+                store.abort_upload(&upload.key, &upload.upload_id).await?;
+            }
+        }
+        let imaged: Vec<String> = images
+            .iter()
+            .filter_map(|image| super::build_id_of(&image.tags).map(str::to_string))
+            .collect();
+        for key in store
+            .list_objects(&prefix)
+            .await
+            .with_context(|| format!("list the objects in {}", store.describe(&prefix)))?
+        {
+            let build_of_key = key
+                .strip_prefix(&push::object_prefix(None))
+                .and_then(|rest| rest.split_once('/'))
+                .map(|(id, _)| id.to_string());
+            if build_of_key.is_some_and(|id| imaged.contains(&id)) {
+                continue;
+            }
+            removed.push(format!("object {}", store.describe(&key)));
+            if !dry_run {
+                store.delete_object(&key).await?;
+            }
+        }
+        Ok(removed)
+    }
+
     async fn read_server(&self, id: &str) -> Result<api::Server> {
         let server = self
             .client
@@ -371,12 +435,14 @@ impl Provider for ScalewayProvider {
     }
 
     /// Servers start from stock images with cloud-init user data (Scaleway
-    /// removed bootscripts) and reach this machine over the internet only.
+    /// removed bootscripts) and reach this machine over the internet only;
+    /// images can come in as QCOW2 through Object Storage.
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             local_bootscripts: false,
             helper_servers: true,
             forwards_to_host: false,
+            imports_qcow2: true,
         }
     }
 
@@ -782,13 +848,12 @@ impl Provider for ScalewayProvider {
                 self.delete_volume(&volume.id).await?;
             }
         }
-        let snapshots: Vec<api::Snapshot> = self.list_in_project("snapshots").await?;
-        let used: Vec<String> = self
-            .list_images()
-            .await?
-            .into_iter()
-            .map(|image| image.root_volume)
+        let images: Vec<api::Image> = self.list_in_project("images").await?;
+        let used: Vec<String> = images
+            .iter()
+            .filter_map(|image| image.root_volume.as_ref().map(|v| v.id.clone()))
             .collect();
+        let snapshots: Vec<api::Snapshot> = self.list_in_project("snapshots").await?;
         for snapshot in snapshots {
             if !wanted(&snapshot.tags) || used.contains(&snapshot.id) {
                 continue;
@@ -797,6 +862,25 @@ impl Provider for ScalewayProvider {
             if !dry_run {
                 self.delete_snapshot(&snapshot.id).await?;
             }
+        }
+        // What a killed push left: Block snapshots of an import that never
+        // became an image, multipart uploads, objects of builds without an
+        // image (a kept object, --keep-object, belongs to a build that has
+        // its image and stays).
+        for snapshot in self.client.list_block_snapshots(None).await? {
+            if !wanted(&snapshot.tags) || used.contains(&snapshot.id) {
+                continue;
+            }
+            removed.push(format!(
+                "Block snapshot {} ({})",
+                snapshot.name, snapshot.id
+            ));
+            if !dry_run {
+                push::delete_block_snapshot_when_settled(&self.client, &snapshot.id).await?;
+            }
+        }
+        if let Some(store) = &self.object_storage {
+            removed.extend(self.cleanup_objects(store, build, &images, dry_run).await?);
         }
         Ok(removed)
     }
@@ -837,6 +921,7 @@ mod tests {
             secret_key: SecretKey::new("x"),
             default_project_id: "p".into(),
             default_zone: "fr-par-1".into(),
+            default_region: "fr-par".into(),
             api_url: "http://127.0.0.1:9".into(),
             profile: None,
             config_path: None,
@@ -845,13 +930,14 @@ mod tests {
     }
 
     #[test]
-    fn capabilities_helper_servers_only() {
+    fn capabilities_helper_servers_and_imports() {
         assert_eq!(
             offline_provider().capabilities(),
             Capabilities {
                 local_bootscripts: false,
                 helper_servers: true,
                 forwards_to_host: false,
+                imports_qcow2: true,
             }
         );
     }
