@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
+use test_support::s3_server::S3Server;
 use tests::fake_scaleway::{call_sequence, FakeScaleway, Server};
 
 const MIB: u64 = 1 << 20;
@@ -46,6 +47,9 @@ struct Scenario {
     volumes: Arc<Mutex<Vec<(String, PathBuf)>>>,
     /// What the guest stand-in does at poweron.
     guest: Arc<Mutex<Guest>>,
+    /// Object Storage: the cleanup looks there for what pushes left, and
+    /// must not reach for the real endpoint.
+    s3: S3Server,
 }
 
 /// What the stand-in for the guest does when a server is powered on.
@@ -106,6 +110,7 @@ impl Scenario {
             guests: guests.clone(),
             volumes: volumes.clone(),
             guest: guest.clone(),
+            s3: S3Server::start().await.unwrap(),
         };
         let fake = scenario.fake.clone();
         let dir = scenario.work.path().to_path_buf();
@@ -219,6 +224,7 @@ impl Scenario {
             .env("SCW_API_URL", self.fake.url())
             .env("SCW_SECRET_KEY", self.fake.secret())
             .env("SCW_ACCESS_KEY", "SCWXXXXXXXXXXXXXXXXX")
+            .env("IMGFORGE_S3_ENDPOINT", self.s3.endpoint())
             .env("SCW_DEFAULT_PROJECT_ID", self.fake.project())
             .env("SCW_DEFAULT_ZONE", self.fake.zone())
             .env("IMGFORGE_AGENT", tests::agent_bin())

@@ -81,6 +81,10 @@ impl S3Error {
     fn is_not_found(&self) -> bool {
         matches!(self, S3Error::Service { status, .. } if *status == StatusCode::NOT_FOUND)
     }
+
+    fn is_no_such_bucket(&self) -> bool {
+        matches!(self, S3Error::Service { code, .. } if code == "NoSuchBucket")
+    }
 }
 
 /// A multipart upload that was started and neither completed nor aborted.
@@ -229,8 +233,12 @@ impl ObjectStore {
                 action.with_continuation_token(token.as_str());
             }
             let url = action.sign(SIGNED_FOR);
-            let body = self.send(&request, self.http.get(url)).await?.text().await;
-            let body = body.map_err(|source| S3Error::Transport {
+            let response = match self.send(&request, self.http.get(url)).await {
+                // A bucket that does not exist holds nothing.
+                Err(e) if e.is_no_such_bucket() => return Ok(keys),
+                other => other?,
+            };
+            let body = response.text().await.map_err(|source| S3Error::Transport {
                 request: request.clone(),
                 source,
             })?;
@@ -263,8 +271,11 @@ impl ObjectStore {
                 action.query.insert("upload-id-marker", id.clone());
             }
             let url = action.sign(SIGNED_FOR);
-            let body = self.send(&request, self.http.get(url)).await?.text().await;
-            let body = body.map_err(|source| S3Error::Transport {
+            let response = match self.send(&request, self.http.get(url)).await {
+                Err(e) if e.is_no_such_bucket() => return Ok(uploads),
+                other => other?,
+            };
+            let body = response.text().await.map_err(|source| S3Error::Transport {
                 request: request.clone(),
                 source,
             })?;

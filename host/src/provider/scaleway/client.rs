@@ -524,7 +524,13 @@ impl Client {
         for page in 1u32.. {
             let mut page_query: Vec<(&str, String)> = query.to_vec();
             page_query.push(("page", page.to_string()));
-            page_query.push(("per_page", per_page.to_string()));
+            // The Block API names it `page_size` (sdk-js block v1).
+            let size_key = if self.product == "block/v1" {
+                "page_size"
+            } else {
+                "per_page"
+            };
+            page_query.push((size_key, per_page.to_string()));
             let reply = self
                 .send_with_retries(Method::GET, path, &page_query, &Body::Empty, true)
                 .await
