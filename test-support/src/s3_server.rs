@@ -553,16 +553,21 @@ impl Proxy {
                 headers.append(k.clone(), v.clone());
             }
         }
+        let is_head = parts.method == axum::http::Method::HEAD;
         let resp = self
             .http
             .request(parts.method, format!("{}{path_and_query}", self.upstream))
             .headers(headers)
+            // Explicit even when 0: S3 refuses a bodiless PUT without it
+            // (411), and reqwest sends none for an empty body.
+            .header(reqwest::header::CONTENT_LENGTH, body.len())
             .body(body)
             .send()
             .await?;
         let mut out = Response::builder().status(resp.status());
         for (k, v) in resp.headers() {
-            if passes(k.as_str()) {
+            // A HEAD reply's length is the object's, not its (empty) body's.
+            if passes(k.as_str()) || (is_head && k == reqwest::header::CONTENT_LENGTH) {
                 out = out.header(k, v);
             }
         }
