@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks: sizes and boot timings of the image-creation initrd; from-rootfs throughput and peak memory;
 # from-qcow2 throughput against qemu-img convert; local build time of a Debian rootfs against virt-make-fs;
-# a cloud image's server boot (SSH, cloud-init) and size against the minimal profile.
+# a cloud image's server boot (SSH, cloud-init) and size against the minimal profile; image push upload throughput
+# against curl -T and its peak memory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -28,3 +29,5 @@ cargo bench -p tests --bench from_qcow2
 cargo bench -p tests --bench local_build
 # Server start to SSH login and to cloud-init done (median of BENCH_RUNS=3), cloud vs minimal image size.
 cargo bench -p tests --bench server_boot
+# image push: upload MB/s against curl -T to the same S3 server (moto), peak RSS of 1 and 3 GiB pushes.
+cargo bench -p tests --bench push
