@@ -876,7 +876,12 @@ impl Provider for ScalewayProvider {
                 snapshot.name, snapshot.id
             ));
             if !dry_run {
-                push::delete_block_snapshot_when_settled(&self.client, &snapshot.id).await?;
+                push::delete_block_snapshot_when_settled(
+                    &self.client,
+                    &snapshot.id,
+                    Duration::from_secs(600),
+                )
+                .await?;
             }
         }
         if let Some(store) = &self.object_storage {

@@ -369,17 +369,36 @@ pub async fn undo(client: &Client, store: &ObjectStore, pushed: &Pushed) -> Vec<
     if state.image.is_some() {
         return removed;
     }
-    if let (Some(key), Some(upload_id)) = (&state.key, &state.upload_id) {
-        match store.abort_upload(key, upload_id).await {
-            Ok(()) => removed.push(format!(
-                "multipart upload {upload_id} of {}",
-                store.describe(key)
-            )),
-            Err(e) => warn!(%e, "could not abort the upload; `imgforge cleanup` aborts it"),
+    if let Some(key) = &state.key {
+        // The uploads of this key: the one recorded, and one whose id never
+        // reached the record (an interrupt right after the service created it).
+        let mut uploads: Vec<String> = state.upload_id.iter().cloned().collect();
+        match store.list_uploads(key).await {
+            Ok(found) => uploads.extend(
+                found
+                    .into_iter()
+                    .filter(|u| &u.key == key)
+                    .map(|u| u.upload_id),
+            ),
+            Err(e) => warn!(%e, "could not list the uploads of {}", store.describe(key)),
+        }
+        uploads.sort();
+        uploads.dedup();
+        for upload_id in uploads {
+            match store.abort_upload(key, &upload_id).await {
+                Ok(()) => {
+                    removed.push(format!(
+                        "multipart upload {upload_id} of {}",
+                        store.describe(key)
+                    ));
+                }
+                Err(e) => warn!(%e, "could not abort the upload; `imgforge cleanup` aborts it"),
+            }
         }
     }
     if let Some(snapshot) = &state.snapshot {
-        match delete_block_snapshot_when_settled(client, snapshot).await {
+        // Not for long: the user is waiting for the interrupt to end.
+        match delete_block_snapshot_when_settled(client, snapshot, Duration::from_secs(60)).await {
             Ok(()) => removed.push(format!("Block snapshot {snapshot}")),
             Err(e) => {
                 warn!(%e, "could not delete Block snapshot {snapshot}; `imgforge cleanup` removes it");
@@ -398,10 +417,14 @@ pub async fn undo(client: &Client, store: &ObjectStore, pushed: &Pushed) -> Vec<
     removed
 }
 
-/// Deletes a Block snapshot, waiting while it is still being created (the
-/// API refuses to delete a resource in a transient state).
-pub async fn delete_block_snapshot_when_settled(client: &Client, id: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(600);
+/// Deletes a Block snapshot, waiting up to `patience` while it is still
+/// being created (the API refuses to delete a resource in a transient state).
+pub async fn delete_block_snapshot_when_settled(
+    client: &Client,
+    id: &str,
+    patience: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + patience;
     loop {
         match client.delete_block_snapshot(id).await {
             Ok(()) => return Ok(()),
