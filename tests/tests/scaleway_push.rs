@@ -206,17 +206,18 @@ fn qemu_img_info(path: &Path) -> Value {
     .unwrap()
 }
 
-/// The uploaded object, read back from the S3 server, converted to raw,
-/// equals the local image's raw export; the local image was zstd-compressed
-/// and the object is not; the upload took several parts; the image's root
-/// volume is the imported Block snapshot, tagged with the build.
+/// A 3 GiB image: the uploaded object, read back from the S3 server,
+/// converted to raw, equals the local image's raw export; the local image
+/// was zstd-compressed and the object is not; the upload took several
+/// parts; the image's root volume is the imported Block snapshot, tagged
+/// with the build.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pushed_image_is_the_local_image_byte_for_byte() {
     let setup = Setup::start().await;
     let mut data = noise(14 << 20, 1);
     data.extend(vec![0u8; 3 << 20]);
     data.extend(noise(3 << 20, 2));
-    let image = setup.local_image("bytes", &data, "1100M", "zstd");
+    let image = setup.local_image("bytes", &data, "3G", "zstd");
     let endpoint = setup.s3.endpoint();
     let output = tokio::task::block_in_place(|| {
         setup.push(&endpoint, &image, &["--keep-object", "--part-size", "5M"])
@@ -237,8 +238,8 @@ async fn a_pushed_image_is_the_local_image_byte_for_byte() {
     assert_eq!(snapshot.bucket.as_deref(), Some(BUCKET));
     assert_eq!(
         snapshot.requested_size,
-        Some(2 * GB),
-        "1100 MiB rounds up to 2 GB"
+        Some(4 * GB),
+        "3 GiB rounds up to 4 GB"
     );
     assert!(snapshot
         .tags
@@ -275,7 +276,7 @@ async fn a_pushed_image_is_the_local_image_byte_for_byte() {
     assert!(export.status.success(), "{export:?}");
     assert_eq!(
         std::fs::metadata(&from_object).unwrap().len(),
-        1100 << 20,
+        3 << 30,
         "no growth above 1 GB"
     );
     assert!(
