@@ -43,6 +43,26 @@ pub fn on_interrupt(cleanup: impl FnOnce() + Send + 'static) {
     let _ = installed.recv();
 }
 
+/// [`on_interrupt`] with an async cleanup, run on a runtime of its own: the
+/// main runtime is busy with (or blocked in) the work being interrupted.
+pub fn on_interrupt_async<F, Fut>(message: &'static str, cleanup: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    on_interrupt(move || {
+        eprintln!("imgforge: interrupted; {message}");
+        remove_partials();
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(cleanup());
+    });
+}
+
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// True once a signal has started the cleanup. The work it interrupts then

@@ -86,16 +86,8 @@ pub fn open_scaleway(provider: &ProviderArgs) -> Result<(Client, ObjectStore)> {
 /// the temporary QCOW2, then exit 130.
 pub fn undo_on_interrupt(client: &Client, store: &ObjectStore, pushed: &Pushed) {
     let (client, store, pushed) = (client.clone(), store.clone(), pushed.clone());
-    crate::interrupt::on_interrupt(move || {
-        eprintln!("imgforge: interrupted; removing what the push created");
-        crate::interrupt::remove_partials();
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        for line in rt.block_on(scw_push::undo(&client, &store, &pushed)) {
+    crate::interrupt::on_interrupt_async("removing what the push created", move || async move {
+        for line in scw_push::undo(&client, &store, &pushed).await {
             eprintln!("imgforge: removed {line}");
         }
     });

@@ -132,6 +132,32 @@ impl Setup {
         )
     }
 
+    /// A push through `proxy` (set to hold a part), once it is mid-upload:
+    /// one part sent, the next held.
+    async fn spawn_held_push(&self, proxy: &S3FaultProxy, image: &str) -> std::process::Child {
+        let child = self
+            .imgforge(
+                &proxy.endpoint(),
+                &[
+                    "image",
+                    "push",
+                    image,
+                    "--provider",
+                    "scaleway",
+                    "--part-size",
+                    "5M",
+                    "--parallel-parts",
+                    "1",
+                ],
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_held_part(proxy, 1).await;
+        child
+    }
+
     /// The push's temporary QCOW2s.
     fn temp_exports(&self) -> Vec<String> {
         self.home.files("tmp")
@@ -385,26 +411,7 @@ async fn sigint_during_the_upload_leaves_nothing() {
     let proxy = S3FaultProxy::start(&setup.s3.endpoint()).await.unwrap();
     let image = setup.local_image("interrupted", &noise(16 << 20, 5), "64M", "zlib");
     proxy.hang_after_parts(1);
-    let mut child = setup
-        .imgforge(
-            &proxy.endpoint(),
-            &[
-                "image",
-                "push",
-                &image,
-                "--provider",
-                "scaleway",
-                "--part-size",
-                "5M",
-                "--parallel-parts",
-                "1",
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_held_part(&proxy, 1).await;
+    let mut child = setup.spawn_held_push(&proxy, &image).await;
     assert_eq!(
         setup.s3.list_multipart_uploads(BUCKET).await.unwrap().len(),
         1,
@@ -460,24 +467,7 @@ async fn cleanup_aborts_the_upload_of_a_killed_push() {
     let proxy = S3FaultProxy::start(&setup.s3.endpoint()).await.unwrap();
     let image = setup.local_image("killed", &noise(16 << 20, 7), "64M", "zlib");
     proxy.hang_after_parts(1);
-    let mut child = setup
-        .imgforge(
-            &proxy.endpoint(),
-            &[
-                "image",
-                "push",
-                &image,
-                "--provider",
-                "scaleway",
-                "--part-size",
-                "5M",
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_held_part(&proxy, 1).await;
+    let mut child = setup.spawn_held_push(&proxy, &image).await;
     child.kill().unwrap();
     tokio::task::block_in_place(|| child.wait()).unwrap();
     let uploads = setup.s3.list_multipart_uploads(BUCKET).await.unwrap();

@@ -40,22 +40,15 @@ pub fn run_import_build(args: BuildArgs, json: bool) -> Result<()> {
         let local = local.clone();
         let (created, build_id) = (created.clone(), build_id.clone());
         let (client, store, pushed) = (client.clone(), store.clone(), pushed.clone());
-        crate::interrupt::on_interrupt(move || {
-            eprintln!("imgforge: interrupted; removing what the build and the push created");
-            crate::interrupt::remove_partials();
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
+        crate::interrupt::on_interrupt_async(
+            "removing what the build and the push created",
+            move || async move {
                 lifecycle::remove_build(local.as_ref(), &created, &build_id).await;
                 for line in scw_push::undo(&client, &store, &pushed).await {
                     eprintln!("imgforge: removed {line}");
                 }
-            });
-        });
+            },
+        );
     }
     let mut local_args = args.clone();
     local_args.strategy = Some(Strategy::Bootscript);

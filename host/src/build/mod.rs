@@ -191,21 +191,12 @@ pub fn run_build(args: BuildArgs, json: bool) -> Result<()> {
         let provider = provider.clone();
         let created = created.clone();
         let build_id = build_id.clone();
-        crate::interrupt::on_interrupt(move || {
-            eprintln!("imgforge: interrupted; removing what the build created");
-            crate::interrupt::remove_partials();
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(lifecycle::remove_build(
-                provider.as_ref(),
-                &created,
-                &build_id,
-            ));
-        });
+        crate::interrupt::on_interrupt_async(
+            "removing what the build created",
+            move || async move {
+                lifecycle::remove_build(provider.as_ref(), &created, &build_id).await;
+            },
+        );
     }
     let result = rt.block_on(lifecycle::build(
         &args,
