@@ -43,6 +43,23 @@ pub struct PushArgs {
     pub no_compress: bool,
 }
 
+impl PushArgs {
+    /// Refuses what would fail only after the export (minutes in).
+    pub fn check(&self) -> Result<()> {
+        let min = crate::object_storage::parts::SCALEWAY.min_part;
+        if self.part_size < min {
+            bail!(
+                "--part-size {}: Object Storage takes parts of 5M or more",
+                crate::size::format_size(self.part_size)
+            );
+        }
+        if self.parallel_parts == 0 {
+            bail!("--parallel-parts 0: at least one part must be in flight");
+        }
+        Ok(())
+    }
+}
+
 /// `imgforge image push`.
 pub fn run_push(image: &str, args: &PushArgs, provider: &ProviderArgs, json: bool) -> Result<()> {
     if provider.provider != ProviderName::Scaleway {
@@ -51,6 +68,7 @@ pub fn run_push(image: &str, args: &PushArgs, provider: &ProviderArgs, json: boo
              read from the local provider)"
         );
     }
+    args.check()?;
     let local = provider.open_local()?;
     let (client, store) = open_scaleway(provider)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -573,3 +573,26 @@ async fn a_build_with_the_import_strategy_ends_with_the_imported_image() {
     assert!(setup.temp_exports().is_empty());
     assert!(setup.fake.servers().is_empty(), "no server in the cloud");
 }
+
+/// Upload options Object Storage cannot take are refused before the export
+/// and before anything is created.
+#[tokio::test(flavor = "multi_thread")]
+async fn impossible_part_sizes_are_refused_first() {
+    let setup = Setup::start().await;
+    let image = setup.local_image("unsent", &noise(1 << 20, 8), "64M", "zlib");
+    let endpoint = setup.s3.endpoint();
+    let output =
+        tokio::task::block_in_place(|| setup.push(&endpoint, &image, &["--part-size", "1M"]));
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--part-size 1 MiB: Object Storage takes parts of 5M or more"),
+        "{stderr}"
+    );
+    assert!(setup.temp_exports().is_empty());
+    assert!(
+        setup.s3.list_objects(BUCKET).await.is_err(),
+        "the bucket was not even created"
+    );
+    assert!(setup.fake.calls().is_empty(), "no Scaleway call");
+}

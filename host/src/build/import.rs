@@ -27,6 +27,13 @@ pub struct ImportReport {
 }
 
 pub fn run_import_build(args: BuildArgs, json: bool) -> Result<()> {
+    let push_args = PushArgs {
+        keep_object: args.keep_object,
+        part_size: args.part_size,
+        parallel_parts: args.parallel_parts,
+        no_compress: false,
+    };
+    push_args.check()?;
     let local = Arc::new(args.provider.open_local()?);
     let (client, store) = crate::push::open_scaleway(&args.provider)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -67,12 +74,6 @@ pub fn run_import_build(args: BuildArgs, json: bool) -> Result<()> {
         }
     };
     info!(image = %built.image_id, "built locally; pushing to Scaleway");
-    let push_args = PushArgs {
-        keep_object: args.keep_object,
-        part_size: args.part_size,
-        parallel_parts: args.parallel_parts,
-        no_compress: false,
-    };
     let pushed_result = rt.block_on(crate::push::push_local_image(
         local.as_ref(),
         &built.image_id,
