@@ -55,6 +55,18 @@ pub struct ProviderArgs {
         default_value = "debian_bookworm"
     )]
     pub scw_image: String,
+    /// Scaleway: the type of the volumes servers are created with:
+    /// `sbs_volume` (Block Storage) or `l_ssd` (local SSD, for commercial
+    /// types that need it). The stock image label resolves to the
+    /// marketplace image for that root type.
+    #[arg(
+        long,
+        global = true,
+        env = "IMGFORGE_SCW_VOLUME_TYPE",
+        default_value = "sbs_volume",
+        value_parser = ["sbs_volume", "l_ssd"]
+    )]
+    pub scw_volume_type: String,
     /// Scaleway: the Object Storage bucket images are uploaded to for import
     /// (created if missing); default `imgforge-<project id>`.
     #[arg(
@@ -94,6 +106,7 @@ impl ProviderArgs {
         let options = ScalewayOptions {
             commercial_type: self.scw_commercial_type.clone(),
             image_label: self.scw_image.clone(),
+            volume_type: crate::provider::scaleway::VolumeType::parse(&self.scw_volume_type)?,
             ..ScalewayOptions::default()
         };
         let provider = ScalewayProvider::from_config(&config, options)?;
@@ -510,14 +523,14 @@ pub fn run_image(command: ImageCommand, provider: &ProviderArgs, json: bool) -> 
         // check comes before any provider is opened.
         match provider.provider {
             ProviderName::Local => {}
-            // imgforge's Scaleway snapshots are of l_ssd volumes (Instance
-            // API); Block Storage snapshots have their own export.
+            // imgforge's Scaleway snapshots are Block snapshots of
+            // sbs_volume volumes, or Instance snapshots with l_ssd.
             ProviderName::Scaleway => bail!(
                 "image export reads the local provider's images; a Scaleway image cannot be \
                  exported here: create a server from it, or export its snapshot to Object \
-                 Storage as QCOW2 (`scw instance snapshot export` for the l_ssd snapshots \
-                 imgforge makes, `scw block snapshot export-to-object-storage` for Block \
-                 Storage snapshots)"
+                 Storage as QCOW2 (`scw block snapshot export-to-object-storage` for the Block \
+                 Storage snapshots imgforge makes, `scw instance snapshot export` for those \
+                 of l_ssd volumes, --scw-volume-type l_ssd)"
             ),
         }
         let local = provider.open_local()?;

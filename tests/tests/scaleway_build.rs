@@ -135,12 +135,19 @@ impl Scenario {
                 // The last volume is the one the agent writes, as big as
                 // the fake made it.
                 let (_, volume_id) = server.volumes.last_key_value().unwrap();
+                // An l_ssd volume, or an sbs_volume (Block API).
                 let size = fake
                     .volumes()
                     .into_iter()
                     .find(|v| &v.id == volume_id)
-                    .unwrap()
-                    .size;
+                    .map(|v| v.size)
+                    .or_else(|| {
+                        fake.block_volumes()
+                            .into_iter()
+                            .find(|v| &v.id == volume_id)
+                            .map(|v| v.size)
+                    })
+                    .unwrap();
                 let volume = dir.join(format!("{}.volume", server.id));
                 std::fs::File::create(&volume)
                     .unwrap()
@@ -260,6 +267,11 @@ impl Scenario {
     fn assert_nothing_but_images_left(&self) {
         assert!(self.fake.servers().is_empty(), "{:?}", self.fake.servers());
         assert!(self.fake.volumes().is_empty(), "{:?}", self.fake.volumes());
+        assert!(
+            self.fake.block_volumes().is_empty(),
+            "{:?}",
+            self.fake.block_volumes()
+        );
     }
 }
 
@@ -316,18 +328,23 @@ fn run_guest(server: &Server, metadata: SocketAddr, volume: &Path, dir: &Path) -
 
 #[derive(PartialEq)]
 enum Strategy {
+    /// A helper server with `sbs_volume` volumes (the default).
     Helper,
+    /// A helper server with `--scw-volume-type l_ssd`.
+    HelperLSsd,
     Bootscript,
 }
 
 /// The calls of a whole build (see [`call_sequence`]).
 fn expected_calls(strategy: Strategy) -> Vec<&'static str> {
-    let mut calls = vec![
-        // The name is free.
-        "GET /images",
-        "POST /servers",
-    ];
-    if strategy == Strategy::Helper {
+    // The name is free.
+    let mut calls = vec!["GET /images"];
+    if strategy != Strategy::Bootscript {
+        // The stock image's label, for the root volume's type.
+        calls.push("GET /marketplace/v2/local-images");
+    }
+    calls.push("POST /servers");
+    if strategy != Strategy::Bootscript {
         calls.push("PATCH /servers/{id}/user_data/cloud-init");
     }
     calls.extend([
@@ -338,17 +355,51 @@ fn expected_calls(strategy: Strategy) -> Vec<&'static str> {
         // poweroff
         "POST /servers/{id}/action",
         "GET /servers/{id}",
-        // The snapshot of the written volume takes the server's build tag.
-        "GET /volumes/{id}",
-        "GET /servers/{id}",
-        "POST /snapshots",
-        "GET /snapshots/{id}",
-        "POST /images",
-        "GET /images/{id}",
-        "GET /servers/{id}",
-        "DELETE /servers/{id}",
-        "DELETE /volumes/{id}",
     ]);
+    if strategy == Strategy::Helper {
+        // The written sbs_volume is snapshotted through the Block API and
+        // the snapshot takes the server's build tag; the volumes are
+        // deleted there.
+        calls.extend([
+            "GET /block/v1/zones/fr-par-1/volumes/{id}",
+            "GET /servers/{id}",
+            "POST /block/v1/zones/fr-par-1/snapshots",
+            "GET /block/v1/zones/fr-par-1/snapshots/{id}",
+            "POST /images",
+            "GET /images/{id}",
+            "GET /servers/{id}",
+            "DELETE /servers/{id}",
+            "DELETE /block/v1/zones/fr-par-1/volumes/{id}",
+        ]);
+    } else {
+        if strategy == Strategy::Bootscript {
+            // A bootscript server's volume is l_ssd, but sbs_volume is
+            // configured: the Block API is asked first and its 404 is no
+            // answer.
+            calls.push("GET /block/v1/zones/fr-par-1/volumes/{id}");
+        }
+        calls.extend([
+            // The snapshot of the written volume takes the server's build tag.
+            "GET /volumes/{id}",
+            "GET /servers/{id}",
+            "POST /snapshots",
+            "GET /snapshots/{id}",
+        ]);
+        if strategy == Strategy::Bootscript {
+            // The image's snapshot, Block API first again.
+            calls.extend([
+                "GET /block/v1/zones/fr-par-1/snapshots/{id}",
+                "GET /snapshots/{id}",
+            ]);
+        }
+        calls.extend([
+            "POST /images",
+            "GET /images/{id}",
+            "GET /servers/{id}",
+            "DELETE /servers/{id}",
+            "DELETE /volumes/{id}",
+        ]);
+    }
     calls
 }
 
@@ -385,10 +436,19 @@ async fn a_helper_build_writes_the_second_volume_and_leaves_only_the_image() {
     let sequence = call_sequence(&scenario.fake.calls());
     assert_eq!(sequence, expected_calls(Strategy::Helper), "{sequence:#?}");
 
-    // The server: a stock image, a blank second volume, the build's tags.
+    // The server: the stock image's instance_sbs id, a blank second
+    // sbs_volume, the build's tags.
     let body = scenario.create_request();
-    assert_eq!(body["image"], "debian_bookworm", "{body}");
+    assert_eq!(
+        body["image"].as_str(),
+        scenario
+            .fake
+            .label_sbs_image_id("debian_bookworm")
+            .as_deref(),
+        "{body}"
+    );
     assert_eq!(body["volumes"]["1"]["size"], VOLUME_SIZE, "{body}");
+    assert_eq!(body["volumes"]["1"]["volume_type"], "sbs_volume", "{body}");
     let tags: Vec<&str> = body["tags"]
         .as_array()
         .unwrap()
@@ -419,26 +479,70 @@ async fn a_helper_build_writes_the_second_volume_and_leaves_only_the_image() {
         "the volume does not hold the disk image"
     );
 
-    // The snapshot is of volume 1, and the image of that snapshot; nothing
-    // else is left.
+    // The snapshot is a Block snapshot of volume 1 with the build's tag,
+    // and the image of that snapshot; nothing else is left.
     let snapshot_call = scenario
         .fake
         .calls()
         .into_iter()
         .find(|c| c.method == "POST" && c.path.ends_with("/snapshots"))
         .unwrap();
-    let snapshots = scenario.fake.snapshots();
-    assert_eq!(snapshots.len(), 1);
-    let (volume_id, volume_name) = snapshots[0].base_volume.clone().unwrap();
-    assert_eq!(
-        snapshot_call.body_json.unwrap()["volume_id"],
-        volume_id.as_str()
+    assert!(
+        snapshot_call.path.starts_with("/block/v1/"),
+        "{snapshot_call:?}"
     );
+    assert!(scenario.fake.snapshots().is_empty());
+    let snapshots = scenario.fake.block_snapshots();
+    assert_eq!(snapshots.len(), 1);
+    let (volume_id, volume_name) = snapshots[0].parent_volume.clone().unwrap();
+    let sent = snapshot_call.body_json.unwrap();
+    assert_eq!(sent["volume_id"], volume_id.as_str());
+    assert_eq!(sent["project_id"], scenario.fake.project().as_str());
     assert!(volume_name.ends_with("-vol1"), "{volume_name}");
+    let build_tag = format!("imgforge-build={build_id}");
+    assert!(
+        snapshots[0].tags.contains(&build_tag),
+        "{:?}",
+        snapshots[0].tags
+    );
     let images = scenario.fake.images();
     assert_eq!(images.len(), 1);
     assert_eq!(images[0].name, "helper-image");
+    assert_eq!(images[0].root_volume, snapshots[0].id);
+    assert!(images[0].tags.contains(&build_tag), "{:?}", images[0].tags);
     assert_eq!(report["image_id"], images[0].id.as_str());
+    scenario.assert_nothing_but_images_left();
+}
+
+/// `--scw-volume-type l_ssd` (commercial types that need local volumes):
+/// the instance_local image, l_ssd volumes, the Instance API's snapshot.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_helper_build_on_l_ssd_volumes_uses_the_instance_api() {
+    let scenario = Scenario::start(fake().await).await;
+    let output = tokio::task::block_in_place(|| {
+        scenario.build("local-image", &["--scw-volume-type", "l_ssd"])
+    });
+    let report = report_of(&output);
+    assert_eq!(report["done"]["status"], "0", "{report}");
+    let sequence = call_sequence(&scenario.fake.calls());
+    assert_eq!(
+        sequence,
+        expected_calls(Strategy::HelperLSsd),
+        "{sequence:#?}"
+    );
+    let body = scenario.create_request();
+    assert_eq!(
+        body["image"].as_str(),
+        scenario.fake.label_image_id("debian_bookworm").as_deref(),
+        "{body}"
+    );
+    assert_eq!(body["volumes"]["1"]["volume_type"], "l_ssd", "{body}");
+    let snapshots = scenario.fake.snapshots();
+    assert_eq!(snapshots.len(), 1);
+    assert!(scenario.fake.block_snapshots().is_empty());
+    let (_, volume_name) = snapshots[0].base_volume.clone().unwrap();
+    assert!(volume_name.ends_with("-vol1"), "{volume_name}");
+    assert_eq!(scenario.fake.images()[0].root_volume, snapshots[0].id);
     scenario.assert_nothing_but_images_left();
 }
 
@@ -575,6 +679,11 @@ async fn a_failure_mid_pipeline_removes_everything_it_created() {
         "{:?}",
         scenario.fake.snapshots()
     );
+    assert!(
+        scenario.fake.block_snapshots().is_empty(),
+        "{:?}",
+        scenario.fake.block_snapshots()
+    );
     assert!(scenario.fake.images().is_empty());
 }
 
@@ -697,8 +806,9 @@ async fn cleanup_removes_the_leftovers_of_builds_and_keeps_images() {
         .unwrap();
     assert_eq!(deleted.status(), 204);
     assert_eq!(scenario.fake.servers().len(), 1);
-    assert_eq!(scenario.fake.volumes().len(), 4);
-    assert_eq!(scenario.fake.snapshots().len(), 2);
+    // sbs_volume volumes and Block snapshots (the default volume type).
+    assert_eq!(scenario.fake.block_volumes().len(), 4);
+    assert_eq!(scenario.fake.block_snapshots().len(), 2);
 
     let listed =
         tokio::task::block_in_place(|| json(&["cleanup", "--provider", "scaleway", "--dry-run"]));
@@ -720,9 +830,9 @@ async fn cleanup_removes_the_leftovers_of_builds_and_keeps_images() {
             .count(),
         2
     );
-    assert!(lines[3].starts_with("snapshot half"), "{lines:#?}");
+    assert!(lines[3].starts_with("Block snapshot half"), "{lines:#?}");
     // Nothing was removed, and another build id matches nothing.
-    assert_eq!(scenario.fake.volumes().len(), 4);
+    assert_eq!(scenario.fake.block_volumes().len(), 4);
     let other = tokio::task::block_in_place(|| {
         json(&[
             "cleanup",
@@ -737,12 +847,13 @@ async fn cleanup_removes_the_leftovers_of_builds_and_keeps_images() {
     let removed = tokio::task::block_in_place(|| json(&["cleanup", "--provider", "scaleway"]));
     assert_eq!(removed["resources"].as_array().unwrap().len(), 4);
     assert!(scenario.fake.servers().is_empty());
-    assert!(scenario.fake.volumes().is_empty());
+    scenario.assert_nothing_but_images_left();
     let images = scenario.fake.images();
     assert_eq!(images.len(), 1);
     assert_eq!(images[0].name, "kept");
-    let snapshots = scenario.fake.snapshots();
+    let snapshots = scenario.fake.block_snapshots();
     assert_eq!(snapshots.len(), 1, "{snapshots:?}");
+    assert_eq!(images[0].root_volume, snapshots[0].id);
 }
 
 /// The agent reports `done`, but its done port cannot be reached: the build

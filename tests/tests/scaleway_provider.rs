@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use host::provider::scaleway::{Client, ClientOptions, Config, RetryPolicy, SecretKey};
-use host::provider::scaleway::{ScalewayOptions, ScalewayProvider};
+use host::provider::scaleway::{ScalewayOptions, ScalewayProvider, VolumeType};
 use host::provider::{Boot, Provider, ServerSpec, ServerState, VolumeSpec};
 use tests::fake_scaleway::{call_sequence, FakeScaleway};
 
@@ -22,6 +22,8 @@ async fn fake() -> FakeScaleway {
 }
 
 /// The provider on `fake`, with retries and polling shrunk to milliseconds.
+/// Its volumes are `l_ssd` (Instance API); `scaleway_sbs.rs` has the
+/// default, `sbs_volume`.
 fn provider(fake: &FakeScaleway) -> ScalewayProvider {
     let config = Config {
         access_key: None,
@@ -48,6 +50,7 @@ fn provider(fake: &FakeScaleway) -> ScalewayProvider {
         server_timeout: Duration::from_secs(10),
         snapshot_timeout: Duration::from_secs(10),
         image_timeout: Duration::from_secs(10),
+        volume_type: VolumeType::LSsd,
         ..ScalewayOptions::default()
     };
     ScalewayProvider::new(
@@ -179,7 +182,8 @@ async fn a_server_goes_through_its_life_with_the_documented_calls() {
     assert_eq!(
         call_sequence(&calls),
         [
-            // create
+            // create: the label's instance_local image, the server
+            "GET /marketplace/v2/local-images",
             "POST /servers",
             // start: read, poweron, poll (and list)
             "GET /servers/{id}",
@@ -190,7 +194,8 @@ async fn a_server_goes_through_its_life_with_the_documented_calls() {
             "GET /servers/{id}",
             "POST /servers/{id}/action",
             "GET /servers/{id}",
-            // snapshot: the build tag of the volume's server, create, poll
+            // snapshot: the volume (Instance API first, as configured), the
+            // build tag of its server, create, poll
             "GET /volumes/{id}",
             "GET /servers/{id}",
             "POST /snapshots",

@@ -30,6 +30,68 @@ pub struct BlockSnapshot {
     pub zone: Option<String>,
     pub class: Option<String>,
     pub created_at: Option<String>,
+    /// The volume it was taken from (none for an import).
+    #[serde(default)]
+    pub parent_volume: Option<BlockRef>,
+}
+
+/// `{id, name}` of another Block object.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct BlockRef {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+}
+
+/// What a Block volume is attached to.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct BlockReference {
+    /// `instance_server` for a server's volume.
+    pub product_resource_type: Option<String>,
+    pub product_resource_id: Option<String>,
+}
+
+/// A Block volume (an Instance `sbs_volume`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct BlockVolume {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    /// `sbs_5k`, `sbs_15k`.
+    #[serde(rename = "type")]
+    pub volume_type: Option<String>,
+    #[serde(default)]
+    pub size: u64,
+    /// `creating`, `available`, `in_use`, `deleting`, `error`, …
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub references: Vec<BlockReference>,
+    pub created_at: Option<String>,
+}
+
+impl BlockVolume {
+    /// The Instance server it is attached to, if any.
+    pub fn server(&self) -> Option<&str> {
+        self.references
+            .iter()
+            .filter(|r| r.product_resource_type.as_deref() == Some("instance_server"))
+            .find_map(|r| r.product_resource_id.as_deref())
+            .filter(|id| !id.is_empty())
+    }
+}
+
+/// POST /snapshots of a Block volume.
+#[derive(Clone, Debug, Serialize)]
+pub struct CreateBlockSnapshotRequest {
+    pub volume_id: String,
+    /// Must be unique in the project: an unknown outcome is checked by name.
+    pub name: String,
+    pub project_id: String,
+    pub tags: Vec<String>,
 }
 
 /// POST /snapshots/import-from-object-storage.
@@ -62,6 +124,36 @@ impl Client {
                 block.find_block_snapshot_by_name(&request.name).await
             })
             .await
+    }
+
+    /// Snapshots a Block volume (status `creating`), never starting two
+    /// snapshots for one call.
+    pub async fn create_block_snapshot(
+        &self,
+        request: &CreateBlockSnapshotRequest,
+    ) -> Result<BlockSnapshot, Error> {
+        let block = self.block();
+        block
+            .post_checked("/snapshots", request, || async {
+                block.find_block_snapshot_by_name(&request.name).await
+            })
+            .await
+    }
+
+    /// GET /block/…/volumes/{id}.
+    pub async fn get_block_volume(&self, id: &str) -> Result<BlockVolume, Error> {
+        self.block().get_json(&format!("/volumes/{id}"), &[]).await
+    }
+
+    /// The project's Block volumes, all pages.
+    pub async fn list_block_volumes(&self) -> Result<Vec<BlockVolume>, Error> {
+        let query = [("project_id", self.project_id().to_string())];
+        self.block().list_all("/volumes", &query, "volumes").await
+    }
+
+    /// DELETE /block/…/volumes/{id}.
+    pub async fn delete_block_volume(&self, id: &str) -> Result<(), Error> {
+        self.block().delete(&format!("/volumes/{id}")).await
     }
 
     /// GET /block/…/snapshots/{id}.

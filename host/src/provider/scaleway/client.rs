@@ -371,6 +371,15 @@ impl Client {
         }
     }
 
+    /// The same client for the Marketplace API (`/marketplace/v2`, not
+    /// zoned): the local images a label stands for (reference §2.1).
+    pub fn marketplace(&self) -> Client {
+        Client {
+            product: "marketplace/v2",
+            ..self.clone()
+        }
+    }
+
     pub fn zone(&self) -> &str {
         &self.zone
     }
@@ -386,6 +395,10 @@ impl Client {
     /// `/instance/v1/zones/{zone}{path}` (or `/block/v1/…`) for a
     /// zone-relative `path` such as `/servers`.
     pub fn zone_path(&self, path: &str) -> String {
+        if self.product == "marketplace/v2" {
+            // Zones are a query parameter there.
+            return format!("/{}{}", self.product, path);
+        }
         format!("/{}/zones/{}{}", self.product, self.zone, path)
     }
 
@@ -524,8 +537,9 @@ impl Client {
         for page in 1u32.. {
             let mut page_query: Vec<(&str, String)> = query.to_vec();
             page_query.push(("page", page.to_string()));
-            // The Block API names it `page_size` (sdk-js block v1).
-            let size_key = if self.product == "block/v1" {
+            // The Block and Marketplace APIs name it `page_size` (sdk-js
+            // block v1, marketplace v2).
+            let size_key = if self.product != "instance/v1" {
                 "page_size"
             } else {
                 "per_page"

@@ -1,5 +1,5 @@
 //! The Scaleway provider: the [`Provider`] vocabulary over Scaleway's
-//! Instance API v1, and the API client it goes through:
+//! Instance API v1 and Block API v1, and the API client it goes through:
 //!
 //! * [`config`]: credentials and defaults, read as the `scw` CLI reads them;
 //! * [`client`]: the HTTP layer ([`Client`]), which rides out rate limits and
@@ -10,7 +10,12 @@
 //!   types keep the API's names (`api::Server`, `api::Volume`…), so they are
 //!   not re-exported here beside the trait's.
 //!
-//! API facts come from `shared/reference/scaleway-api.md` (sections 1 and 2).
+//! * [`block`]: the Block API calls (SBS volumes and snapshots, imports);
+//! * [`route`]: the pure decisions of which API holds what, and which
+//!   marketplace image a label stands for.
+//!
+//! API facts come from `shared/reference/scaleway-api.md` (sections 1 to 3
+//! and 7).
 //!
 //! How the trait maps onto the API:
 //!
@@ -19,7 +24,17 @@
 //!   `boot_type: bootscript`, which Scaleway refuses since bootscripts were
 //!   removed on 2023-05-15: that refusal becomes an error that says so and
 //!   points at `--strategy helper`. Its volumes are `volumes["0"]`,
-//!   `volumes["1"]`… (`l_ssd`, sizes in SI bytes). Its name gets a random
+//!   `volumes["1"]`… (sizes in SI bytes) of [`ScalewayOptions::volume_type`]
+//!   (`sbs_volume` by default, `l_ssd` as an option and for bootscript
+//!   servers; a copy of a snapshot stays in its snapshot's API). A label is
+//!   resolved as sdk-go does, through the marketplace's local images of the
+//!   type the root volume needs (`instance_sbs` or `instance_local`).
+//! * Volumes and snapshots live in two APIs: `sbs_volume`/`sbs_snapshot` in
+//!   the Block API, `l_ssd` in the Instance API, and each answers 404 for
+//!   the other's ids. The provider routes by `volume_type` where the API
+//!   says it (a server's volumes), else looks the id up in both (the
+//!   configured type's API first); a 404 from one API is never taken for
+//!   success, a 404 from both means gone. Lists show both APIs' objects. Its name gets a random
 //!   suffix, because the client recognises a creation whose reply was lost
 //!   by its unique name.
 //! * Every server carries the [`MARKER_TAG`] (`list_servers` lists by it) and
@@ -28,8 +43,9 @@
 //! * Build tags (`imgforge-build=<id>`, [`BUILD_TAG_PREFIX`]) given by the
 //!   caller on a server are copied onto the snapshots of its volumes and onto
 //!   the images made of those snapshots, so that a cleanup by tag finds
-//!   them. (Volumes created with a server cannot be tagged through POST
-//!   /servers; they are found through their server.)
+//!   them (Block snapshots take the tags directly). (Volumes created with
+//!   a server cannot be tagged through POST /servers; they are found through
+//!   their server, or by name once detached.)
 //! * A server reaches this machine over the internet: `endpoints[port]` is
 //!   the server's public address with that port, and [`Provider::guest_url`]
 //!   refuses loopback URLs (the artifact server needs `--public-url`).
@@ -43,12 +59,14 @@ pub mod block;
 pub mod client;
 pub mod config;
 pub mod push;
+pub mod route;
 
 #[cfg(test)]
 mod client_tests;
 
 pub use client::{ApiError, Client, ClientOptions, Error, RetryPolicy};
 pub use config::{Config, ConfigError, SecretKey};
+pub use route::VolumeType;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -60,6 +78,8 @@ use tracing::{info, warn};
 use self::api::{
     CreateImageRequest, CreateServerRequest, CreateSnapshotRequest, ServerAction, VolumeTemplate,
 };
+use self::block::{BlockSnapshot, BlockVolume, CreateBlockSnapshotRequest};
+use self::route::Family;
 use super::{
     Boot, Capabilities, Image, Provider, Server, ServerSpec, ServerState, Snapshot, Volume,
     VolumeSpec,
@@ -81,6 +101,10 @@ pub struct ScalewayOptions {
     /// The stock image a `Boot::Local` server starts from (a marketplace
     /// label such as `debian_bookworm`, or an image id).
     pub image_label: String,
+    /// The type of the volumes servers are created with: `sbs_volume`
+    /// (Block API, the default) or `l_ssd` (for commercial types that need
+    /// it). Bootscript servers always get `l_ssd`.
+    pub volume_type: VolumeType,
     /// Longest wait for a server to reach `running` or `stopped`.
     pub server_timeout: Duration,
     /// Longest wait for a snapshot to become `available`.
@@ -94,6 +118,7 @@ impl Default for ScalewayOptions {
         ScalewayOptions {
             commercial_type: "DEV1-S".to_string(),
             image_label: "debian_bookworm".to_string(),
+            volume_type: VolumeType::default(),
             server_timeout: Duration::from_secs(600),
             snapshot_timeout: Duration::from_secs(1800),
             image_timeout: Duration::from_secs(600),
@@ -222,25 +247,177 @@ impl ScalewayProvider {
         Ok(server)
     }
 
-    /// The `imgforge-build=` tags of the server volume `volume_id` is
-    /// attached to (none when it is detached).
-    async fn build_tags_of_volume(&self, volume_id: &str) -> Result<Vec<String>> {
-        let volume = self
-            .client
-            .get_volume(volume_id)
-            .await
-            .with_context(|| format!("get volume {volume_id}"))?;
-        let Some(server) = volume.server.filter(|s| !s.id.is_empty()) else {
+    /// The `imgforge-build=` tags of `server` (none when there is no
+    /// server, or it is gone).
+    async fn build_tags_of_server(
+        &self,
+        server: Option<&str>,
+        volume: &str,
+    ) -> Result<Vec<String>> {
+        let Some(server) = server.filter(|s| !s.is_empty()) else {
             return Ok(Vec::new());
         };
-        match self.client.get_server(&server.id).await {
+        match self.client.get_server(server).await {
             Ok(server) => Ok(build_tags(&server.tags)),
             Err(e) if e.is_not_found() => Ok(Vec::new()),
-            Err(e) => {
-                Err(e).with_context(|| format!("get server {} of volume {volume_id}", server.id))
+            Err(e) => Err(e).with_context(|| format!("get server {server} of volume {volume}")),
+        }
+    }
+
+    /// The volume `id` from the API that has it (an id of unknown family
+    /// is looked up in both: a 404 from one is no answer); `None` when
+    /// neither has it.
+    async fn locate_volume(&self, id: &str) -> Result<Option<AnyVolume>> {
+        for family in route::lookup_order(self.options.volume_type) {
+            let found = match family {
+                Family::Instance => self.client.get_volume(id).await.map(AnyVolume::Instance),
+                Family::Block => self.client.get_block_volume(id).await.map(AnyVolume::Block),
+            };
+            match found {
+                Ok(volume) => return Ok(Some(volume)),
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("get volume {id} ({} API)", api_name(family)))
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The snapshot `id`, as [`ScalewayProvider::locate_volume`].
+    async fn locate_snapshot(&self, id: &str) -> Result<Option<AnySnapshot>> {
+        for family in route::lookup_order(self.options.volume_type) {
+            let found = match family {
+                Family::Instance => self
+                    .client
+                    .get_snapshot(id)
+                    .await
+                    .map(AnySnapshot::Instance),
+                Family::Block => self
+                    .client
+                    .get_block_snapshot(id)
+                    .await
+                    .map(AnySnapshot::Block),
+            };
+            match found {
+                Ok(snapshot) => return Ok(Some(snapshot)),
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("get snapshot {id} ({} API)", api_name(family)))
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The snapshot `id`, or an error naming both APIs.
+    async fn find_any_snapshot(&self, id: &str) -> Result<AnySnapshot> {
+        self.locate_snapshot(id).await?.with_context(|| {
+            format!("no snapshot {id}: neither the Instance nor the Block API has it")
+        })
+    }
+
+    /// Deletes volume `id` in the API of `family`; a 404 there means it is
+    /// gone. A Block volume is refused while still attached (the server's
+    /// deletion detaches it): wait for that, up to the server timeout.
+    async fn delete_volume_in(&self, id: &str, family: Family) -> Result<()> {
+        let deadline = std::time::Instant::now() + self.options.server_timeout;
+        let poll = self.client.options().poll_interval;
+        let mut pause = Duration::from_millis(100).min(poll);
+        loop {
+            let deleted = match family {
+                Family::Instance => self.client.delete_volume(id).await,
+                Family::Block => self.client.delete_block_volume(id).await,
+            };
+            match deleted {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_not_found() => return Ok(()),
+                Err(e)
+                    if family == Family::Block
+                        && is_still_in_use(&e)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(poll);
+                }
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("delete volume {id} ({} API)", api_name(family)))
+                }
             }
         }
     }
+
+    /// The stock image's id: an id as given, a label resolved as sdk-go
+    /// does (marketplace local images of the label in the zone, of the type
+    /// the root volume needs).
+    async fn resolve_image(&self, root: VolumeType) -> Result<String> {
+        let label = &self.options.image_label;
+        if route::is_image_id(label) {
+            return Ok(label.clone());
+        }
+        let kind = root.marketplace_type();
+        let zone = self.client.zone().to_string();
+        let query = [
+            ("image_label", label.clone()),
+            ("zone", zone.clone()),
+            ("type", kind.to_string()),
+        ];
+        let images: Vec<route::LocalImage> = self
+            .client
+            .marketplace()
+            .list_all("/local-images", &query, "local_images")
+            .await
+            .with_context(|| format!("resolve image label {label:?} in the marketplace"))?;
+        let image =
+            route::pick_local_image(&images, label, &zone, kind, &self.options.commercial_type)?;
+        info!(label = %label, id = %image.id, kind, "resolved the image label");
+        Ok(image.id.clone())
+    }
+}
+
+/// A volume of either API.
+enum AnyVolume {
+    Instance(api::Volume),
+    Block(BlockVolume),
+}
+
+/// A snapshot of either API.
+enum AnySnapshot {
+    Instance(api::Snapshot),
+    Block(BlockSnapshot),
+}
+
+impl AnySnapshot {
+    fn tags(&self) -> &[String] {
+        match self {
+            AnySnapshot::Instance(s) => &s.tags,
+            AnySnapshot::Block(s) => &s.tags,
+        }
+    }
+
+    fn family(&self) -> Family {
+        match self {
+            AnySnapshot::Instance(_) => Family::Instance,
+            AnySnapshot::Block(_) => Family::Block,
+        }
+    }
+}
+
+fn api_name(family: Family) -> &'static str {
+    match family {
+        Family::Instance => "Instance",
+        Family::Block => "Block",
+    }
+}
+
+/// The API's refusal to delete an attached (or still settling) volume.
+fn is_still_in_use(error: &client::Error) -> bool {
+    error
+        .api_error()
+        .is_some_and(|e| e.status == 412 || e.status == 409 || e.kind == "transient_state")
 }
 
 /// A server's state in the trait's terms; `locked` and states this provider
@@ -360,6 +537,33 @@ fn to_volume(volume: api::Volume) -> Volume {
     }
 }
 
+fn block_to_volume(volume: BlockVolume) -> Volume {
+    Volume {
+        server: volume.server().map(str::to_string),
+        id: volume.id,
+        name: volume.name,
+        size: volume.size,
+        created_at: volume.created_at.unwrap_or_default(),
+    }
+}
+
+fn block_to_snapshot(snapshot: BlockSnapshot) -> Snapshot {
+    Snapshot {
+        id: snapshot.id,
+        name: snapshot.name,
+        size: snapshot.size,
+        base_volume: snapshot.parent_volume.map(|v| v.id).unwrap_or_default(),
+        created_at: snapshot.created_at.unwrap_or_default(),
+    }
+}
+
+fn any_to_snapshot(snapshot: AnySnapshot) -> Snapshot {
+    match snapshot {
+        AnySnapshot::Instance(s) => to_snapshot(s),
+        AnySnapshot::Block(s) => block_to_snapshot(s),
+    }
+}
+
 fn to_snapshot(snapshot: api::Snapshot) -> Snapshot {
     Snapshot {
         id: snapshot.id,
@@ -459,33 +663,6 @@ impl Provider for ScalewayProvider {
                  artifacts on a public address (--listen) and pass --public-url"
             );
         }
-        let server_name = unique_name(&spec.name);
-        let volumes = spec
-            .volumes
-            .iter()
-            .enumerate()
-            .map(|(index, volume)| {
-                // Named after the server, so that a cleanup finds them
-                // once they are detached.
-                let name = Some(format!("{server_name}-vol{index}"));
-                let template = match volume {
-                    VolumeSpec::Blank { size } => VolumeTemplate {
-                        name,
-                        size: Some(*size),
-                        volume_type: Some("l_ssd".to_string()),
-                        ..VolumeTemplate::default()
-                    },
-                    VolumeSpec::FromSnapshot { snapshot, size } => VolumeTemplate {
-                        name,
-                        size: *size,
-                        base_snapshot: Some(snapshot.clone()),
-                        volume_type: Some("l_ssd".to_string()),
-                        ..VolumeTemplate::default()
-                    },
-                };
-                (index.to_string(), template)
-            })
-            .collect();
         let bootscript = match &spec.boot {
             Some(Boot::Bootscript(id)) => Some(id.clone()),
             Some(Boot::Local) | None => None,
@@ -500,14 +677,57 @@ impl Provider for ScalewayProvider {
         if bootscript.is_some() && spec.cloud_init.is_some() {
             bail!("cloud-init runs in a stock image, not in a bootscript's initrd");
         }
+        let blank_type = route::blank_volume_type(bootscript.is_some(), self.options.volume_type);
+        // A copy of a snapshot stays in its snapshot's API.
+        let mut types = Vec::with_capacity(spec.volumes.len());
+        for volume in &spec.volumes {
+            types.push(match volume {
+                VolumeSpec::Blank { .. } => blank_type,
+                VolumeSpec::FromSnapshot { snapshot, .. } => {
+                    VolumeType::of_snapshot(self.find_any_snapshot(snapshot).await?.family())
+                }
+            });
+        }
+        let server_name = unique_name(&spec.name);
+        let volumes = spec
+            .volumes
+            .iter()
+            .zip(&types)
+            .enumerate()
+            .map(|(index, (volume, volume_type))| {
+                // Named after the server, so that a cleanup finds them
+                // once they are detached.
+                let name = Some(format!("{server_name}-vol{index}"));
+                let volume_type = Some(volume_type.as_str().to_string());
+                let template = match volume {
+                    VolumeSpec::Blank { size } => VolumeTemplate {
+                        name,
+                        size: Some(*size),
+                        volume_type,
+                        ..VolumeTemplate::default()
+                    },
+                    VolumeSpec::FromSnapshot { snapshot, size } => VolumeTemplate {
+                        name,
+                        size: *size,
+                        base_snapshot: Some(snapshot.clone()),
+                        volume_type,
+                        ..VolumeTemplate::default()
+                    },
+                };
+                (index.to_string(), template)
+            })
+            .collect();
+        // A stock image resolved for the root volume's type; a bootscript
+        // boots its own kernel and initrd and volume 0 is blank.
+        let image = match bootscript {
+            Some(_) => None,
+            None => Some(self.resolve_image(types[0]).await?),
+        };
         let request = CreateServerRequest {
             name: server_name,
             commercial_type: self.options.commercial_type.clone(),
             project: None,
-            // A bootscript boots its own kernel and initrd; volume 0 is blank.
-            image: bootscript
-                .is_none()
-                .then(|| self.options.image_label.clone()),
+            image,
             bootscript: bootscript.clone(),
             volumes,
             boot_type: Some(
@@ -632,22 +852,29 @@ impl Provider for ScalewayProvider {
                 server.state
             );
         }
-        let volumes = to_server(&server)?.volumes;
+        // Each volume with its API, from its `volume_type`.
+        let mut volumes: Vec<(u32, String, Option<Family>)> = server
+            .volumes
+            .iter()
+            .filter(|(_, v)| !v.id.is_empty())
+            .filter_map(|(index, v)| {
+                let family = Family::of_type(v.volume_type.as_deref());
+                Some((index.parse().ok()?, v.id.clone(), family))
+            })
+            .collect();
+        volumes.sort_by_key(|(index, _, _)| *index);
         self.client
             .delete_server(id)
             .await
             .with_context(|| format!("delete server {id}"))?;
         if with_volumes {
-            for volume in &volumes {
-                match self.client.delete_volume(volume).await {
-                    Ok(()) => {}
-                    Err(e) if e.is_not_found() => {}
-                    Err(e) => {
-                        return Err(e).with_context(|| {
-                            format!("delete volume {volume} of deleted server {id}")
-                        })
-                    }
-                }
+            for (_, volume, family) in &volumes {
+                let deleted = match family {
+                    Some(family) => self.delete_volume_in(volume, *family).await,
+                    None => self.delete_volume(volume).await,
+                };
+                deleted
+                    .with_context(|| format!("delete volume {volume} of deleted server {id}"))?;
             }
         }
         Ok(())
@@ -670,88 +897,146 @@ impl Provider for ScalewayProvider {
     }
 
     async fn get_volume(&self, id: &str) -> Result<Volume> {
-        let volume = self
-            .client
-            .get_volume(id)
-            .await
-            .with_context(|| format!("get volume {id}"))?;
-        Ok(to_volume(volume))
+        match self.locate_volume(id).await? {
+            Some(AnyVolume::Instance(volume)) => Ok(to_volume(volume)),
+            Some(AnyVolume::Block(volume)) => Ok(block_to_volume(volume)),
+            None => bail!("no volume {id}: neither the Instance nor the Block API has it"),
+        }
     }
 
+    /// The Instance API's volumes and the Block API's.
     async fn list_volumes(&self) -> Result<Vec<Volume>> {
         let volumes: Vec<api::Volume> = self.list_in_project("volumes").await?;
         let mut volumes: Vec<Volume> = volumes.into_iter().map(to_volume).collect();
+        let block = self
+            .client
+            .list_block_volumes()
+            .await
+            .context("list Block volumes")?;
+        volumes.extend(block.into_iter().map(block_to_volume));
         volumes.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         Ok(volumes)
     }
 
+    /// Deletes the volume in the API that has it; gone from both is done.
     async fn delete_volume(&self, id: &str) -> Result<()> {
-        self.client
-            .delete_volume(id)
-            .await
-            .with_context(|| format!("delete volume {id}"))
+        let family = match self.locate_volume(id).await? {
+            Some(AnyVolume::Instance(_)) => Family::Instance,
+            Some(AnyVolume::Block(_)) => Family::Block,
+            None => {
+                info!(%id, "volume already gone (neither the Instance nor the Block API has it)");
+                return Ok(());
+            }
+        };
+        self.delete_volume_in(id, family).await
     }
 
+    /// A snapshot in the volume's API: Instance for `l_ssd`, Block (POST
+    /// /block/…/snapshots, wait `available`) for `sbs_volume`. It takes the
+    /// build tags of the volume's server.
     async fn create_snapshot(&self, volume: &str, name: &str) -> Result<Snapshot> {
         if name.trim().is_empty() {
             bail!("a snapshot needs a name");
         }
+        let located = self.locate_volume(volume).await?.with_context(|| {
+            format!("no volume {volume}: neither the Instance nor the Block API has it")
+        })?;
         let mut tags = vec![MARKER_TAG.to_string()];
-        tags.extend(self.build_tags_of_volume(volume).await?);
-        let request = CreateSnapshotRequest {
-            name: unique_name(name),
-            volume_id: volume.to_string(),
-            project: None,
-            tags,
-            volume_type: None,
-        };
-        let snapshot = self
-            .client
-            .create_snapshot(&request)
-            .await
-            .with_context(|| format!("snapshot volume {volume}"))?;
-        let snapshot = self
-            .client
-            .wait_for_snapshot_available(&snapshot.id, self.options.snapshot_timeout)
-            .await
-            .with_context(|| format!("snapshot volume {volume}"))?;
-        Ok(to_snapshot(snapshot))
+        match located {
+            AnyVolume::Instance(found) => {
+                let server = found.server.as_ref().map(|s| s.id.as_str());
+                tags.extend(self.build_tags_of_server(server, volume).await?);
+                let request = CreateSnapshotRequest {
+                    name: unique_name(name),
+                    volume_id: volume.to_string(),
+                    project: None,
+                    tags,
+                    volume_type: None,
+                };
+                let snapshot = self
+                    .client
+                    .create_snapshot(&request)
+                    .await
+                    .with_context(|| format!("snapshot volume {volume}"))?;
+                let snapshot = self
+                    .client
+                    .wait_for_snapshot_available(&snapshot.id, self.options.snapshot_timeout)
+                    .await
+                    .with_context(|| format!("snapshot volume {volume}"))?;
+                Ok(to_snapshot(snapshot))
+            }
+            AnyVolume::Block(found) => {
+                tags.extend(self.build_tags_of_server(found.server(), volume).await?);
+                let request = CreateBlockSnapshotRequest {
+                    volume_id: volume.to_string(),
+                    name: unique_name(name),
+                    project_id: self.client.project_id().to_string(),
+                    tags,
+                };
+                let snapshot = self
+                    .client
+                    .create_block_snapshot(&request)
+                    .await
+                    .with_context(|| format!("snapshot Block volume {volume}"))?;
+                let snapshot = self
+                    .client
+                    .wait_for_block_snapshot_available(
+                        &snapshot.id,
+                        self.options.snapshot_timeout,
+                        &|_| {},
+                    )
+                    .await
+                    .with_context(|| format!("snapshot Block volume {volume}"))?;
+                Ok(block_to_snapshot(snapshot))
+            }
+        }
     }
 
     async fn get_snapshot(&self, id: &str) -> Result<Snapshot> {
-        let snapshot = self
-            .client
-            .get_snapshot(id)
-            .await
-            .with_context(|| format!("get snapshot {id}"))?;
-        Ok(to_snapshot(snapshot))
+        Ok(any_to_snapshot(self.find_any_snapshot(id).await?))
     }
 
+    /// The Instance API's snapshots and the Block API's.
     async fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
         let snapshots: Vec<api::Snapshot> = self.list_in_project("snapshots").await?;
         let mut snapshots: Vec<Snapshot> = snapshots.into_iter().map(to_snapshot).collect();
+        let block = self
+            .client
+            .list_block_snapshots(None)
+            .await
+            .context("list Block snapshots")?;
+        snapshots.extend(block.into_iter().map(block_to_snapshot));
         snapshots.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         Ok(snapshots)
     }
 
+    /// Deletes the snapshot in the API that has it; gone from both is done.
     async fn delete_snapshot(&self, id: &str) -> Result<()> {
-        self.client
-            .delete_snapshot(id)
-            .await
-            .with_context(|| format!("delete snapshot {id}"))
+        match self.locate_snapshot(id).await? {
+            Some(AnySnapshot::Instance(_)) => match self.client.delete_snapshot(id).await {
+                Ok(()) => Ok(()),
+                Err(e) if e.is_not_found() => Ok(()),
+                Err(e) => Err(e).with_context(|| format!("delete snapshot {id}")),
+            },
+            Some(AnySnapshot::Block(_)) => {
+                push::delete_block_snapshot_when_settled(&self.client, id).await
+            }
+            None => {
+                info!(%id, "snapshot already gone (neither the Instance nor the Block API has it)");
+                Ok(())
+            }
+        }
     }
 
+    /// An image of an Instance or a Block snapshot (`root_volume` takes
+    /// either id), with the snapshot's build tags.
     async fn create_image(&self, name: &str, snapshot: &str, arch: &str) -> Result<Image> {
         if name.trim().is_empty() {
             bail!("an image needs a name");
         }
-        let source = self
-            .client
-            .get_snapshot(snapshot)
-            .await
-            .with_context(|| format!("get snapshot {snapshot}"))?;
+        let source = self.find_any_snapshot(snapshot).await?;
         let mut tags = vec![MARKER_TAG.to_string()];
-        tags.extend(build_tags(&source.tags));
+        tags.extend(build_tags(source.tags()));
         let request = CreateImageRequest {
             name: name.to_string(),
             root_volume: snapshot.to_string(),
