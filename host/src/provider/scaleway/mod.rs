@@ -1019,7 +1019,12 @@ impl Provider for ScalewayProvider {
                 Err(e) => Err(e).with_context(|| format!("delete snapshot {id}")),
             },
             Some(AnySnapshot::Block(_)) => {
-                push::delete_block_snapshot_when_settled(&self.client, id).await
+                push::delete_block_snapshot_when_settled(
+                    &self.client,
+                    id,
+                    self.options.snapshot_timeout,
+                )
+                .await
             }
             None => {
                 info!(%id, "snapshot already gone (neither the Instance nor the Block API has it)");
