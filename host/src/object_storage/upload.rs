@@ -55,7 +55,11 @@ pub struct UploadReport {
     pub part_size: u64,
     /// Part tries that failed and were sent again.
     pub retries: u64,
+    /// The whole upload: start, parts, completion, check.
     pub seconds: f64,
+    /// Sending the parts only (the client's throughput; completion is the
+    /// service assembling the object).
+    pub parts_seconds: f64,
 }
 
 /// Bytes sent so far (of parts not yet failed), for progress.
@@ -88,6 +92,7 @@ pub async fn upload_file(
     );
     let sent = Arc::new(AtomicU64::new(0));
     let retries = Arc::new(AtomicU64::new(0));
+    let mut parts_seconds = 0.0;
     let result = async {
         let etags: Vec<(u64, String)> = futures_util::stream::iter(1..=plan.count)
             .map(|number| {
@@ -107,6 +112,7 @@ pub async fn upload_file(
             .buffer_unordered(options.parallel.max(1))
             .try_collect()
             .await?;
+        parts_seconds = began.elapsed().as_secs_f64();
         let mut etags = etags;
         etags.sort_unstable_by_key(|(number, _)| *number);
         let etags: Vec<String> = etags.into_iter().map(|(_, etag)| etag).collect();
@@ -145,6 +151,7 @@ pub async fn upload_file(
         part_size: plan.part_size,
         retries: retries.load(Ordering::Relaxed),
         seconds: began.elapsed().as_secs_f64(),
+        parts_seconds,
     })
 }
 
