@@ -1175,7 +1175,13 @@ impl Provider for ScalewayProvider {
             }
         }
         if let Some(store) = &self.object_storage {
-            removed.extend(self.cleanup_objects(store, build, &images, dry_run).await?);
+            // The API's leftovers are gone by now: an Object Storage that
+            // cannot be read (no permission, another region) is a warning
+            // with its cause, not a failure of the whole cleanup.
+            match self.cleanup_objects(store, build, &images, dry_run).await {
+                Ok(lines) => removed.extend(lines),
+                Err(e) => warn!("Object Storage not cleaned up: {e:#}"),
+            }
         }
         Ok(removed)
     }
