@@ -18,8 +18,9 @@
 //! defined in the `contract` crate; byte formats both read, in `formats`.
 //! | [`boot`], [`server_test`], [`ssh`] | boot tests: console (`boot`), SSH login and cloud-init (`boot --ssh`), `server ssh` |
 //! | [`inspect`], [`readiness`] | offline disk inspection; what a root filesystem lacks as a server |
-//! | [`tools`], [`size`], [`interrupt`] | external tools and their install commands; sizes; Ctrl-C cleanup |
+//! | [`arch`], [`tools`], [`size`], [`interrupt`] | architecture names; external tools and their install commands; sizes; Ctrl-C cleanup |
 
+pub mod arch;
 pub mod boot;
 pub mod bootscript;
 pub mod build;

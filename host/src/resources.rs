@@ -270,8 +270,10 @@ pub enum ImageCommand {
         name: String,
         #[arg(long)]
         snapshot: String,
-        #[arg(long, default_value = "x86_64")]
-        arch: String,
+        /// What the snapshot's disk is built for: x86_64 (amd64) or arm64
+        /// (aarch64).
+        #[arg(long, default_value = "x86_64", value_parser = crate::arch::parse)]
+        arch: crate::arch::Arch,
     },
     List,
     Get {
@@ -553,7 +555,9 @@ pub fn run_image(command: ImageCommand, provider: &ProviderArgs, json: bool) -> 
                 arch,
             } => {
                 let snapshot = find_snapshot(p.as_ref(), &snapshot).await?;
-                let image = p.create_image(&name, &snapshot.id, &arch).await?;
+                let image = p
+                    .create_image(&name, &snapshot.id, arch.image_name())
+                    .await?;
                 print(json, &image, line)
             }
             ImageCommand::List => {

@@ -479,3 +479,48 @@ fn cleanup_removes_servers_of_builds_only() {
         home.files("volumes")
     );
 }
+
+/// An architecture imgforge does not build is refused by name, with the
+/// list; one it knows but cannot build yet (arm64) is refused too, instead
+/// of an x86_64 disk being recorded as arm64. Nothing is created either way.
+#[test]
+fn unknown_and_unbuildable_architectures_are_refused() {
+    let home = LocalHome::new();
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = write_rootfs(dir.path(), "arch");
+    for (arch, needle) in [
+        (
+            "sparc",
+            "architecture \"sparc\" is not one imgforge builds: x86_64 (amd64), arm64 (aarch64)",
+        ),
+        (
+            "arm64",
+            "--arch arm64: imgforge builds x86_64 images only for now",
+        ),
+        (
+            "aarch64",
+            "--arch arm64: imgforge builds x86_64 images only for now",
+        ),
+    ] {
+        let mut args = build_args(&rootfs, "arch");
+        args.extend(["--arch".to_string(), arch.to_string()]);
+        let out = home.command(&args).output().unwrap();
+        assert!(!out.status.success(), "--arch {arch} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "--arch {arch}: {stderr}");
+    }
+    home.assert_no_servers_left();
+    assert!(home.files("images").is_empty());
+    let image = home.command([
+        "image",
+        "create",
+        "--name",
+        "x",
+        "--snapshot",
+        "s",
+        "--arch",
+        "ppc64",
+    ]);
+    let out = { image }.output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"ppc64\""));
+}

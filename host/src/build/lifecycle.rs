@@ -218,7 +218,7 @@ pub(super) async fn build(
     info!("snapshotting volume {target_slot} ({volume})");
     let snapshot = provider.create_snapshot(volume, &args.name).await?;
     let image = match provider
-        .create_image(&args.name, &snapshot.id, &args.arch)
+        .create_image(&args.name, &snapshot.id, args.arch.image_name())
         .await
     {
         Ok(image) => image,
@@ -339,7 +339,7 @@ async fn build_rootfs(
     let source = source.clone();
     let output = work.join("rootfs.tar.zst");
     let opts = crate::rootfs::Options {
-        arch: Some(args.arch.clone()),
+        arch: Some(args.arch.debian_name().to_string()),
         debian: crate::rootfs::DebianOptions {
             profile: args.profile,
             include: args.include.clone(),

@@ -62,8 +62,9 @@ pub struct BuildArgs {
     /// The volume's size (4G, 512M...).
     #[arg(long, default_value = "4G", value_parser = crate::size::parse_size)]
     pub size: u64,
-    #[arg(long, default_value = "x86_64")]
-    pub arch: String,
+    /// The image's architecture: x86_64 (amd64) or arm64 (aarch64).
+    #[arg(long, default_value = "x86_64", value_parser = crate::arch::parse)]
+    pub arch: crate::arch::Arch,
     /// More agent parameters as server tags (efi_size=200M, grow_fs=1,
     /// INITRD_VERBOSE=1...); repeatable.
     #[arg(long = "param", value_name = "KEY=VALUE")]

@@ -64,6 +64,15 @@ pub fn strategy(
 
 /// Decides the build for a provider named `provider` that can do `caps`.
 pub fn plan(args: &BuildArgs, provider: &str, caps: Capabilities) -> Result<Plan> {
+    // Until the build server, initrd and agent exist for it, another
+    // architecture would be an x86_64 disk recorded as something else.
+    if args.arch != crate::arch::Arch::X86_64 {
+        bail!(
+            "--arch {}: imgforge builds x86_64 images only for now (arm64 build servers, initrd \
+             and agent are not implemented yet); nothing was created",
+            args.arch
+        );
+    }
     let strategy = strategy(args.strategy, provider, caps)?;
     if strategy == Strategy::Helper && !caps.helper_servers {
         bail!(
@@ -259,6 +268,22 @@ mod tests {
         assert!(e.contains("--bootscript-id"), "{e}");
         let e = err(&[&url[..], &["--public-url", "http://x"]].concat(), LOCAL);
         assert!(e.contains("--public-url is for remote providers"), "{e}");
+    }
+
+    #[test]
+    fn only_x86_64_is_built() {
+        let url = ["--rootfs", "http://example.test/r.tar"];
+        let e = err(&[&url[..], &["--arch", "arm64"]].concat(), LOCAL);
+        assert!(e.contains("x86_64 images only"), "{e}");
+        assert!(plan(
+            &args(&[&url[..], &["--arch", "amd64"]].concat()),
+            "local",
+            LOCAL
+        )
+        .is_ok());
+        let refused = Cli::try_parse_from(["imgforge", "--name", "i", "--arch", "sparc"]);
+        let e = refused.err().unwrap().to_string();
+        assert!(e.contains("x86_64 (amd64), arm64 (aarch64)"), "{e}");
     }
 
     #[test]
