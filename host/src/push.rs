@@ -125,7 +125,10 @@ pub async fn push_local_image(
     json: bool,
 ) -> Result<PushReport> {
     let image = find_image(local, image).await?;
-    let arch = scw_push::scaleway_arch(&image.arch)?;
+    let arch: crate::arch::Arch = image
+        .arch
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("image {}: {e}", image.name))?;
     let export = TempExport::new(local, &image.id)?;
     tracing::info!(image = %image.name, "exporting the image as QCOW2 for the import");
     local
@@ -137,7 +140,7 @@ pub async fn push_local_image(
         qcow2: export.path.clone(),
         virtual_size: facts.virtual_size,
         name: image.name.clone(),
-        arch: arch.to_string(),
+        arch: arch.image_name().to_string(),
         build_id: build_id.to_string(),
         keep_object: args.keep_object,
     };

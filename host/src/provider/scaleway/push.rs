@@ -125,15 +125,6 @@ pub fn object_prefix(build_id: Option<&str>) -> String {
     }
 }
 
-/// Scaleway's `arch` for an image architecture name imgforge accepts.
-pub fn scaleway_arch(arch: &str) -> Result<&'static str> {
-    Ok(match arch {
-        "x86_64" | "amd64" => "x86_64",
-        "arm64" | "aarch64" => "arm64",
-        other => bail!("architecture {other:?}: Scaleway images are x86_64 or arm64"),
-    })
-}
-
 /// What one push is to do.
 #[derive(Clone, Debug)]
 pub struct PushRequest {
@@ -510,12 +501,5 @@ mod tests {
         );
         assert!(object_key("ab12", "x").starts_with(&object_prefix(Some("ab12"))));
         assert!(object_prefix(Some("ab12")).starts_with(&object_prefix(None)));
-    }
-
-    #[test]
-    fn arch_names_map_to_scaleways() {
-        assert_eq!(scaleway_arch("amd64").unwrap(), "x86_64");
-        assert_eq!(scaleway_arch("aarch64").unwrap(), "arm64");
-        assert!(scaleway_arch("riscv64").is_err());
     }
 }
