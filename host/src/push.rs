@@ -185,7 +185,7 @@ fn print_report(report: &PushReport, json: bool) -> Result<()> {
             report.name,
             report.image_id,
             report.arch,
-            humanize(report.upload.bytes),
+            crate::size::format_size(report.upload.bytes),
             report.upload.parts,
             report.snapshot_id,
             if report.object_kept {
@@ -196,10 +196,6 @@ fn print_report(report: &PushReport, json: bool) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn humanize(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
 }
 
 /// Upload and import progress: a bar on a terminal, else a log line per
